@@ -213,6 +213,36 @@ def is_dynamo_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def dynamo_recompile_limit(limit: int):
+    """Raise Dynamo's per-function recompile limit, and fail loudly past it.
+
+    Failing loudly matters: past the limit Dynamo would silently run the
+    function eagerly, where gradients of tensors the mods close over are lost.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True)
+
+
+def recompile_limit_error() -> type[Exception]:
+    """The exception Dynamo raises when ``fail_on_recompile_limit_hit`` trips."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    return FailOnRecompileLimitHit
+
+
+def is_tracing() -> bool:
+    """True under Dynamo, export, or any make_fx/fake/functional tracing."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return True
+    from torch._C import _TorchDispatchModeKey as Key
+
+    for key in (Key.PROXY, Key.FAKE, Key.FUNCTIONAL):
+        if torch._C._get_dispatch_mode(key) is not None:
+            return True
+    return False
+
+
 # --------------------------------------------------------------------------
 # Triton interpreter mode (see docs/debugging.md)
 # --------------------------------------------------------------------------
@@ -223,6 +253,11 @@ _INTERPRET_ENV = "FLEX_INDUCTOR_INTERPRET"
 def interpret_requested() -> bool:
     """Whether the user asked for Triton's interpreter on CPU tensors."""
     return os.environ.get(_INTERPRET_ENV, "0") not in ("", "0", "false", "False")
+
+
+def interpreter_active() -> bool:
+    """True once Inductor runs Triton code for CPU tensors in the interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and inductor_config().cpu_backend == "triton"
 
 
 @functools.cache
@@ -255,6 +290,7 @@ def enable_triton_interpreter() -> None:
         def parse_options(self, options: dict) -> SimpleNamespace:
             return SimpleNamespace(extern_libs=None)
 
+    _patch_interpreter_scalar_index()
     backend = _InterpreterBackend()
     torch_triton.triton_backend = lambda: backend
     torch_triton.triton_hash_with_backend = lambda: hashlib.sha256(
@@ -262,8 +298,124 @@ def enable_triton_interpreter() -> None:
     ).hexdigest().upper()
 
 
+def _patch_interpreter_scalar_index() -> None:
+    """Let the interpreter use a loaded scalar as a loop bound under numpy >= 2.4.
+
+    Triton's interpreter stores scalars as 1-element arrays and converts them
+    with ``int(array)``, which numpy 2.4 refuses for arrays with ndim > 0. So
+    ``for i in range(0, n)`` with a loaded ``n`` fails there, while the GPU
+    compiler accepts it. ``.item()`` converts any 1-element array.
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    try:
+        int(np.zeros((1,), dtype=np.int32))
+        return
+    except TypeError:
+        pass
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
 def inductor_config():
     """torch._inductor.config (private module)."""
     import torch._inductor.config as config
 
     return config
+
+
+# --------------------------------------------------------------------------
+# Inductor
+# --------------------------------------------------------------------------
+
+
+@functools.cache
+def inductor_api() -> SimpleNamespace:
+    """Inductor's generic lowering and template machinery."""
+    from torch._inductor import ir
+    from torch._inductor.lowering import (
+        empty_strided,
+        fallback_handler,
+        lowerings,
+        register_lowering,
+    )
+    from torch._inductor.select_algorithm import (
+        SymbolicGridFn,
+        TritonTemplate,
+        autotune_select_algorithm,
+        realize_inputs,
+    )
+    from torch._inductor.subgraph_lowering import PointwiseSubgraphLowering
+    from torch._inductor.virtualized import V
+
+    return SimpleNamespace(
+        ir=ir,
+        V=V,
+        empty_strided=empty_strided,
+        fallback_handler=fallback_handler,
+        lowerings=lowerings,
+        register_lowering=register_lowering,
+        TritonTemplate=TritonTemplate,
+        SymbolicGridFn=SymbolicGridFn,
+        autotune_select_algorithm=autotune_select_algorithm,
+        realize_inputs=realize_inputs,
+        PointwiseSubgraphLowering=PointwiseSubgraphLowering,
+    )
+
+
+def ordered_set(items=()):
+    """Inductor's OrderedSet (private utility)."""
+    from torch.utils._ordered_set import OrderedSet
+
+    return OrderedSet(items)
+
+
+def zeros_and_scatter_op():
+    """The op that the joint graph uses for gradients of indexed captured tensors.
+
+    ``TransformGetItemToIndex`` records ``buf[idx]`` as ``aten.index``, whose
+    backward in the joint graph is this scatter into a zero tensor.
+    """
+    import torch._dynamo._trace_wrapped_higher_order_op  # noqa: F401  (registers the op)
+
+    return torch.ops.flex_lib.zeros_and_scatter.default
+
+
+def pytree_getattr_key(name: str) -> Any:
+    """A pytree key path entry naming attribute ``name`` (for flatten_with_keys)."""
+    import torch.utils._pytree as pytree
+
+    return pytree.GetAttrKey(name)
+
+
+@functools.cache
+def _select_returns_choice_by_flag() -> bool:
+    import inspect
+
+    from torch._inductor.select_algorithm import AlgorithmSelectorCache
+
+    return "return_choice" in inspect.signature(AlgorithmSelectorCache.__call__).parameters
+
+
+def select_algorithm(name, choices, input_nodes, layout, input_gen_fns=None):
+    """Autotune over ``choices``; returns the chosen IR node.
+
+    torch 2.11 returns the node alone (or ``(node, choice)`` with
+    ``return_choice=True``); torch 2.13 always returns ``(node, choice)``.
+    """
+    api = inductor_api()
+    if _select_returns_choice_by_flag():
+        node, _choice = api.autotune_select_algorithm(
+            name, choices, input_nodes, layout, input_gen_fns=input_gen_fns, return_choice=True
+        )
+    else:
+        node, _choice = api.autotune_select_algorithm(
+            name, choices, input_nodes, layout, input_gen_fns=input_gen_fns
+        )
+    return node

@@ -16,6 +16,7 @@ import torch
 
 from . import _compat
 from ._subgraphs import INDEX_DTYPE, SCORE_DTYPE
+from ._registration import ensure_lowerings
 from .op import FORWARD_NAME
 
 _dyn = _compat.dynamo_api()
@@ -66,6 +67,7 @@ class FlexInductorAttentionVariable(_dyn.TorchHigherOrderOperatorVariable):
                 f"{FORWARD_NAME} is called positionally by flex_inductor.flex_attention"
             )
         query, key, value, score_mod, mask_mod, block_mask, block_sizes, scale, options = args[:9]
+        ensure_lowerings()
         score_node, score_buffers = self._install_mod(tx, query, score_mod, "score_mod", True)
         mask_node, mask_buffers = self._install_mod(tx, query, mask_mod, "mask_mod", False)
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from . import _compat
+from ._registration import ensure_lowerings
 from ._subgraphs import (
     bind_buffers,
     build_joint_graph,
@@ -241,6 +242,7 @@ def _forward_proxy(
     mode, query, key, value, score_mod, mask_mod, block_mask, block_sizes, scale,
     kernel_options, score_mod_buffers, mask_mod_buffers,
 ):
+    ensure_lowerings()
     score_graph = trace_under_proxy_mode(score_mod, [*score_placeholders(query), *score_mod_buffers])
     _check_no_mutation(score_graph, "score_mod")
     score_graph = _register_graph(mode, score_graph, "sdpa_score")

@@ -1,0 +1,91 @@
+"""The eager backward: gradients by autograd through the reference, a chunk at a time.
+
+Each chunk of query rows is recomputed under autograd and differentiated on
+its own, so memory stays bounded by ``chunk x S`` like the forward. This is
+the backward op's dense implementation and the spec every backward kernel is
+tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import _compat
+from ._subgraphs import bind_buffers
+from .reference import _CHUNK_ELEMENTS, reference_chunk
+
+
+def reference_backward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor,
+    score_mod: Callable,
+    block_mask,
+    scale: float,
+    score_mod_buffers: list[torch.Tensor],
+    *,
+    _chunk_size: int | None = None,
+):
+    """Gradients of the reference forward.
+
+    Args:
+        query, key, value: The forward inputs.
+        out, lse: The forward outputs (unused: recomputed per chunk, kept in
+            the signature because kernels use them).
+        grad_out: Gradient of ``out``.
+        grad_lse: Gradient of ``lse`` (zeros when ``lse`` was unused).
+        score_mod: The mod, taking ``score_mod_buffers`` as trailing inputs.
+        block_mask: A ``BlockMask`` whose ``mask_mod`` has its buffers bound.
+        scale: The forward's scale.
+        score_mod_buffers: Captured tensors; those with ``requires_grad``
+            get a gradient.
+
+    Returns:
+        ``(dq, dk, dv, grad_buffers)`` with ``None`` for buffers that do not
+        require grad. dk and dv sum over GQA groups.
+    """
+    del out, lse  # recomputed chunk by chunk
+    B, Hq, L, _ = query.shape
+    S = key.shape[2]
+    chunk = _chunk_size or max(1, _CHUNK_ELEMENTS // (B * Hq * S))
+    needs = [b.requires_grad for b in score_mod_buffers]
+    dq = torch.zeros_like(query)
+    dk = torch.zeros_like(key, dtype=torch.float32 if key.dtype != torch.float64 else key.dtype)
+    dv = torch.zeros_like(value, dtype=dk.dtype)
+    grads = [torch.zeros_like(b) if need else None for b, need in zip(score_mod_buffers, needs)]
+    with torch.enable_grad(), _compat.autograd_reenabled():
+        q = query.detach().requires_grad_(True)
+        k = key.detach().requires_grad_(True)
+        v = value.detach().requires_grad_(True)
+        buffers = [b.detach().requires_grad_(need) for b, need in zip(score_mod_buffers, needs)]
+        mod = bind_buffers(score_mod, buffers)
+        wrt = [q, k, v, *[b for b, need in zip(buffers, needs) if need]]
+        for start in range(0, L, chunk):
+            stop = min(start + chunk, L)
+            out_c, lse_c = reference_chunk(q, k, v, mod, block_mask, scale, start, stop)
+            got = torch.autograd.grad(
+                (out_c, lse_c),
+                wrt,
+                (grad_out[:, :, start:stop].to(out_c.dtype), grad_lse[:, :, start:stop].to(lse_c.dtype)),
+                allow_unused=True,
+            )
+            g_q, g_k, g_v, *g_bufs = got
+            if g_q is not None:
+                dq[:, :, start:stop] = g_q[:, :, start:stop].to(dq.dtype)
+            if g_k is not None:
+                dk += g_k
+            if g_v is not None:
+                dv += g_v
+            it = iter(g_bufs)
+            for i, need in enumerate(needs):
+                if need:
+                    g = next(it)
+                    if g is not None:
+                        grads[i] += g
+    return dq, dk.to(key.dtype), dv.to(value.dtype), grads

@@ -1,0 +1,92 @@
+"""Pieces shared by the forward, backward and decode lowerings."""
+
+from __future__ import annotations
+
+import torch
+
+from flex_inductor import _compat
+from flex_inductor._subgraphs import INDEX_DTYPE, SCORE_DTYPE
+
+from .subgraph import lower_mod
+
+_ind = _compat.inductor_api()
+
+# Dtypes the Triton templates compute with (tl.dot has no float64 on GPUs).
+TEMPLATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_NAMES = ("b", "h", "q_idx", "kv_idx")
+
+
+def interpret_mode() -> bool:
+    """True when Inductor's Triton code runs in Triton's interpreter on CPU."""
+    return _compat.interpreter_active()
+
+
+def device_can_use_templates(query) -> bool:
+    """Whether ``query``'s device and dtype can run our Triton templates."""
+    device = query.get_device()
+    if query.get_dtype() not in TEMPLATE_DTYPES:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpret_mode()
+
+
+def fixed_inputs(*nodes):
+    """Realize IR inputs so that templates can read their strides."""
+    return [None if n is None else _ind.realize_inputs(n) for n in nodes]
+
+
+def lower_score_mod(subgraph, buffers, device):
+    """IR of ``score_mod`` with placeholders ``score, b, h, q_idx, kv_idx``."""
+    names = [("score", SCORE_DTYPE), *[(n, INDEX_DTYPE) for n in _INDEX_NAMES]]
+    return lower_mod(subgraph.graph_module, names, buffers, device)
+
+
+def lower_mask_mod(subgraph, buffers, device):
+    """IR of ``mask_mod`` with placeholders ``b, h, q_idx, kv_idx``."""
+    names = [(n, INDEX_DTYPE) for n in _INDEX_NAMES]
+    return lower_mod(subgraph.graph_module, names, buffers, device)
+
+
+def rounded_head_dim(head_dim) -> int:
+    """Head dims are padded to a power of two, at least 16 (tl.dot's minimum)."""
+    head_dim = int(_ind.V.graph.sizevars.guard_int(head_dim))
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def float32_precision() -> str:
+    """tl.dot precision for float32 inputs, following torch's matmul setting."""
+    return "'ieee'" if torch.get_float32_matmul_precision() == "highest" else "'tf32'"
+
+
+def sizes_are_static_multiple(size, block: int) -> bool:
+    """True when ``size`` is known to be a multiple of ``block`` at compile time."""
+    return bool(_ind.V.graph.sizevars.statically_known_multiple_of(size, block))
+
+
+def block_mask_input_gen_fns(first_index: int, kv_len, kv_block: int) -> dict:
+    """Autotuning inputs for the four BlockMask tensors at ``first_index``.
+
+    Random int32 data would index far outside K and V; benchmark instead with
+    a mask whose every row visits every kv block.
+    """
+
+    def hints(node):
+        return [int(s) for s in _ind.V.graph.sizevars.size_hints(node.get_size())]
+
+    def num_blocks(node):
+        sizes = hints(node)
+        n_kv = -(-int(_ind.V.graph.sizevars.size_hint(kv_len)) // kv_block)
+        return torch.full(sizes, n_kv, dtype=torch.int32, device=node.get_device())
+
+    def indices(node):
+        sizes = hints(node)
+        row = torch.arange(sizes[-1], dtype=torch.int32, device=node.get_device())
+        return row.expand(sizes).contiguous()
+
+    return {
+        first_index: num_blocks,
+        first_index + 1: indices,
+        first_index + 2: num_blocks,
+        first_index + 3: indices,
+    }
