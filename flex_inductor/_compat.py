@@ -419,3 +419,27 @@ def select_algorithm(name, choices, input_nodes, layout, input_gen_fns=None):
             name, choices, input_nodes, layout, input_gen_fns=input_gen_fns
         )
     return node
+
+
+@functools.cache
+def _kernel_name_tag(name: str):
+    """A never-called operator whose name Inductor copies into kernel names."""
+    from torch._ops import HigherOrderOperator
+
+    class _KernelNameTag(HigherOrderOperator):
+        def __call__(self, *args, **kwargs):  # pragma: no cover - never called
+            raise RuntimeError(f"{name} only names kernels")
+
+    return _KernelNameTag(name)
+
+
+def tag_kernel_name(name: str) -> None:
+    """Make the kernels generated for the node being lowered carry ``name``.
+
+    Inductor names a kernel after the ``original_aten`` operator of the FX
+    nodes it came from (``triton_tem_fused_<name>_0``), so that profiles and
+    generated code show ``flex_inductor_fwd`` / ``_bwd`` / ``_decode``.
+    """
+    node = inductor_api().V.graph.current_node
+    if node is not None:
+        node.meta["original_aten"] = _kernel_name_tag(name)

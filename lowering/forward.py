@@ -9,7 +9,6 @@ Inductor's autotuner pick.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
@@ -46,6 +45,7 @@ def lower_forward(
             kernel_options, score_mod_buffers, mask_mod_buffers,
         )
     ir, V = _ind.ir, _ind.V
+    _compat.tag_kernel_name("flex_inductor_fwd")
     device = query.get_device()
     dtype = query.get_dtype()
     B, Hq, L, E = query.get_size()
@@ -149,5 +149,3 @@ def _candidate_configs(head_dim, dtype, device, options, q_block, kv_block):
 def _compat_int(x) -> int:
     return int(_ind.V.graph.sizevars.guard_int(x)) if not isinstance(x, int) else x
 
-
-__all__ = ["lower_forward", "math"]
