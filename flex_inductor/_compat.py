@@ -291,6 +291,7 @@ def enable_triton_interpreter() -> None:
             return SimpleNamespace(extern_libs=None)
 
     _patch_interpreter_scalar_index()
+    _patch_interpreter_libdevice()
     backend = _InterpreterBackend()
     torch_triton.triton_backend = lambda: backend
     torch_triton.triton_hash_with_backend = lambda: hashlib.sha256(
@@ -323,6 +324,111 @@ def _patch_interpreter_scalar_index() -> None:
     interpreter._patch_lang_tensor = patch_lang_tensor
 
 
+def _patch_interpreter_libdevice() -> None:
+    """Give Triton's interpreter numpy versions of the libdevice math Inductor emits.
+
+    On a GPU ``libdevice.tanh`` (say) resolves to a device library call; the
+    interpreter has no such library and the call returns None. A mod such as
+    a tanh soft-cap must still run on CPU, so each function is mapped to the
+    numpy function of the same maths, applied to the interpreter's arrays.
+    """
+    import math
+
+    import numpy as np
+    import triton.language as tl
+    from triton.language.extra import libdevice
+    from triton.runtime.interpreter import TensorHandle
+
+    unary = {
+        "tanh": np.tanh, "sinh": np.sinh, "cosh": np.cosh, "tan": np.tan,
+        "asin": np.arcsin, "acos": np.arccos, "atan": np.arctan, "asinh": np.arcsinh,
+        "acosh": np.arccosh, "atanh": np.arctanh, "exp": np.exp, "exp2": np.exp2,
+        "expm1": np.expm1, "log": np.log, "log2": np.log2, "log10": np.log10,
+        "log1p": np.log1p, "sqrt": np.sqrt, "rsqrt": lambda x: 1.0 / np.sqrt(x),
+        "sin": np.sin, "cos": np.cos, "floor": np.floor, "ceil": np.ceil,
+        "trunc": np.trunc, "nearbyint": np.rint, "rint": np.rint, "abs": np.abs,
+        "erf": np.vectorize(math.erf, otypes=[np.float64]),
+        "erfc": np.vectorize(math.erfc, otypes=[np.float64]),
+        "lgamma": np.vectorize(math.lgamma, otypes=[np.float64]),
+    }
+    binary = {"pow": np.power, "atan2": np.arctan2, "fmod": np.fmod, "hypot": np.hypot,
+              "copysign": np.copysign, "nextafter": np.nextafter}
+
+    def wrap(np_fn, arity):
+        def fn(*args, **_kwargs):
+            tensors = [a for a in args[:arity] if isinstance(a, tl.core.tensor)]
+            like = tensors[0]
+            arrays = [a.handle.data if isinstance(a, tl.core.tensor) else a for a in args[:arity]]
+            data = np.asarray(np_fn(*arrays)).astype(like.handle.data.dtype)
+            return tl.core.tensor(TensorHandle(data, like.handle.dtype.scalar), like.type)
+
+        return fn
+
+    for name, np_fn in unary.items():
+        if hasattr(libdevice, name):
+            setattr(libdevice, name, wrap(np_fn, 1))
+    for name, np_fn in binary.items():
+        if hasattr(libdevice, name):
+            setattr(libdevice, name, wrap(np_fn, 2))
+
+
+def _patch_interpreter_libdevice() -> None:
+    """Give Triton's interpreter numpy versions of the libdevice math functions.
+
+    Inductor emits ``libdevice.tanh(x)`` (softcap), ``libdevice.pow``,
+    ``libdevice.log1p``... On a GPU the compiler swaps the stub module
+    ``triton.language.extra.libdevice`` for the backend's library; the
+    interpreter does not, and each stub returns None. Only functions with an
+    exact numpy counterpart are provided; the rest keep failing loudly.
+    """
+    import math
+
+    import numpy as np
+    import triton.language as tl
+    from triton.language.extra import libdevice
+    from triton.runtime.interpreter import TensorHandle
+
+    if getattr(libdevice, "_flex_inductor_numpy", False):
+        return
+    erf = np.vectorize(math.erf)
+    same_dtype = {
+        "abs": np.abs, "ceil": np.ceil, "floor": np.floor, "trunc": np.trunc,
+        "rint": np.rint, "nearbyint": np.rint, "sqrt": np.sqrt, "exp": np.exp,
+        "exp2": np.exp2, "expm1": np.expm1, "log": np.log, "log2": np.log2,
+        "log10": np.log10, "log1p": np.log1p, "sin": np.sin, "cos": np.cos,
+        "tan": np.tan, "asin": np.arcsin, "acos": np.arccos, "atan": np.arctan,
+        "sinh": np.sinh, "cosh": np.cosh, "tanh": np.tanh, "asinh": np.arcsinh,
+        "acosh": np.arccosh, "atanh": np.arctanh, "erf": erf,
+        "rsqrt": lambda x: 1.0 / np.sqrt(x), "pow": np.power, "atan2": np.arctan2,
+        "fmod": np.fmod, "hypot": np.hypot, "copysign": np.copysign,
+        "nextafter": np.nextafter,
+    }
+    to_bool = {"isnan": np.isnan, "isinf": np.isinf, "signbit": np.signbit}
+
+    def as_handle_data(arg):
+        return arg.handle.data if isinstance(arg, tl.tensor) else np.asarray(arg)
+
+    def wrap(np_fn, result_dtype=None):
+        def fn(*args, _semantic=None, **_kwargs):
+            first = next(a for a in args if isinstance(a, tl.tensor))
+            with np.errstate(all="ignore"):
+                data = np_fn(*(as_handle_data(a) for a in args))
+            dtype = result_dtype or first.handle.dtype
+            data = data.astype(np.bool_ if dtype == tl.int1 else first.handle.data.dtype)
+            shapes = [a.shape for a in args if isinstance(a, tl.tensor) and a.type.is_block()]
+            shape = list(np.broadcast_shapes(*(tuple(s) for s in shapes))) if shapes else []
+            ty = tl.block_type(dtype, shape) if shape else dtype
+            return tl.tensor(TensorHandle(data, dtype), ty)
+
+        return fn
+
+    for name, np_fn in same_dtype.items():
+        setattr(libdevice, name, wrap(np_fn))
+    for name, np_fn in to_bool.items():
+        setattr(libdevice, name, wrap(np_fn, tl.int1))
+    libdevice._flex_inductor_numpy = True
+
+
 def inductor_config():
     """torch._inductor.config (private module)."""
     import torch._inductor.config as config
@@ -352,11 +458,12 @@ def inductor_api() -> SimpleNamespace:
         realize_inputs,
     )
     from torch._inductor.subgraph_lowering import PointwiseSubgraphLowering
-    from torch._inductor.virtualized import V
+    from torch._inductor.virtualized import V, ops
 
     return SimpleNamespace(
         ir=ir,
         V=V,
+        ops=ops,
         empty_strided=empty_strided,
         fallback_handler=fallback_handler,
         lowerings=lowerings,
@@ -403,22 +510,24 @@ def _select_returns_choice_by_flag() -> bool:
     return "return_choice" in inspect.signature(AlgorithmSelectorCache.__call__).parameters
 
 
-def select_algorithm(name, choices, input_nodes, layout, input_gen_fns=None):
+def select_algorithm(name, choices, input_nodes, layout, input_gen_fns=None, return_choice=False):
     """Autotune over ``choices``; returns the chosen IR node.
 
     torch 2.11 returns the node alone (or ``(node, choice)`` with
     ``return_choice=True``); torch 2.13 always returns ``(node, choice)``.
+    With ``return_choice=True`` this returns ``(node, choice)`` on both, so
+    that the lowering can log the config that won.
     """
     api = inductor_api()
     if _select_returns_choice_by_flag():
-        node, _choice = api.autotune_select_algorithm(
+        node, choice = api.autotune_select_algorithm(
             name, choices, input_nodes, layout, input_gen_fns=input_gen_fns, return_choice=True
         )
     else:
-        node, _choice = api.autotune_select_algorithm(
+        node, choice = api.autotune_select_algorithm(
             name, choices, input_nodes, layout, input_gen_fns=input_gen_fns
         )
-    return node
+    return (node, choice) if return_choice else node
 
 
 @functools.cache

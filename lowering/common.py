@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sympy
 import torch
 
 from flex_inductor import _compat
@@ -32,8 +33,18 @@ def device_can_use_templates(query) -> bool:
 
 
 def fixed_inputs(*nodes):
-    """Realize IR inputs so that templates can read their strides."""
-    return [None if n is None else _ind.realize_inputs(n) for n in nodes]
+    """Realize IR inputs so that templates can read their strides.
+
+    Symbolic scalars (a mod that closes over a tensor's size, or a Python
+    float that Dynamo made dynamic) are sympy expressions, not buffers: they
+    pass through unchanged, and the template receives them as kernel args.
+    """
+    return [n if n is None or is_symbolic_scalar(n) else _ind.realize_inputs(n) for n in nodes]
+
+
+def is_symbolic_scalar(node) -> bool:
+    """True for a lifted SymInt/SymFloat input (a sympy expression or a number)."""
+    return isinstance(node, (sympy.Expr, int, float))
 
 
 def lower_score_mod(subgraph, buffers, device):
@@ -90,3 +101,55 @@ def block_mask_input_gen_fns(first_index: int, kv_len, kv_block: int) -> dict:
         first_index + 2: num_blocks,
         first_index + 3: indices,
     }
+
+
+def static_int(size) -> int:
+    """A size the kernel needs as a constexpr (head dims): specialised and guarded."""
+    return int(_ind.V.graph.sizevars.guard_int(size))
+
+
+def static_int(size) -> int:
+    """A size as a Python int, specialising (and guarding) a symbolic one."""
+    return size if isinstance(size, int) else int(_ind.V.graph.sizevars.guard_int(size))
+
+
+def static_float(value) -> float:
+    """A scalar kernel constant (the softmax scale) as a Python float.
+
+    With dynamic shapes the default scale ``1/sqrt(E)`` arrives as a sympy
+    expression in the head dim; once the head dim is specialised (see
+    :func:`static_int`) it simplifies to a number.
+    """
+    if isinstance(value, (int, float)):
+        return float(value)
+    simplified = _ind.V.graph.sizevars.simplify(value)
+    if not simplified.free_symbols:
+        return float(simplified)
+    raise NotImplementedError(
+        f"flex_inductor: the scale must be a compile-time constant, got {value}; "
+        "pass scale= as a Python float"
+    )
+
+
+def describe_config(config) -> str:
+    """``BLOCK_M=.. BLOCK_N=.. num_warps=.. num_stages=..`` for logs."""
+    if config is None:
+        return "an unknown config"
+    return (
+        f"BLOCK_M={config.BLOCK_M} BLOCK_N={config.BLOCK_N} "
+        f"num_warps={config.num_warps} num_stages={config.num_stages}"
+    )
+
+
+def declare_subgraph_symbols(out, subgraph_inputs, subgraph_outputs) -> None:
+    """Tell the scheduler which symbols the inlined mods of a template use.
+
+    A mod may read a symbolic size or an unbacked scalar (``.item()`` of a
+    dynamic float) that no input buffer's layout mentions; Inductor's
+    ``TritonTemplateBuffer`` collects them from these two attributes so that
+    their definitions are emitted before the kernel call.
+    """
+    node = out.data.data if hasattr(out, "data") and hasattr(out.data, "data") else out
+    if hasattr(node, "subgraph_inps"):
+        node.subgraph_inps = list(subgraph_inputs)
+        node.subgraph_outs = [o for o in subgraph_outputs if not isinstance(o, (list, tuple))]

@@ -9,6 +9,7 @@ running Inductor's own pointwise lowering over it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -80,3 +81,18 @@ def lower_mod(
     if isinstance(outputs, (list, tuple)):
         return [to_buffer(o) for o in outputs]
     return to_buffer(outputs)
+
+
+def first_output_only(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of a joint graph that returns only its first output (the score grad).
+
+    Dead-code elimination then drops the captured-tensor gradient scatters,
+    which only the dK/dV kernel performs.
+    """
+    gm = torch.fx.GraphModule(graph_module, copy.deepcopy(graph_module.graph))
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    first = output.args[0][0] if isinstance(output.args[0], (list, tuple)) else output.args[0]
+    output.args = (first,)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm

@@ -28,3 +28,33 @@ def forward_template():
         grid=_ind.SymbolicGridFn(_forward_grid),
         source=template_source("flex_forward.py.jinja"),
     )
+
+
+def _dkdv_grid(batch, kv_heads, kv_len, head_dim, meta, *, cdiv):
+    # One program per BLOCK_N1 kv rows of one (batch, kv head).
+    return (cdiv(kv_len, meta["BLOCK_N1"]), batch, kv_heads)
+
+
+def _dq_grid(batch, q_heads, q_len, head_dim, meta, *, cdiv):
+    # One program per BLOCK_M2 query rows of one (batch, query head).
+    return (cdiv(q_len, meta["BLOCK_M2"]), batch, q_heads)
+
+
+@functools.cache
+def backward_dkdv_template():
+    """The dK/dV backward template (kernels named ``*flex_inductor_bwd*``)."""
+    return _ind.TritonTemplate(
+        name="flex_inductor_bwd_dkdv",
+        grid=_ind.SymbolicGridFn(_dkdv_grid),
+        source=template_source("flex_backward_dkdv.py.jinja"),
+    )
+
+
+@functools.cache
+def backward_dq_template():
+    """The dQ backward template (kernels named ``*flex_inductor_bwd*``)."""
+    return _ind.TritonTemplate(
+        name="flex_inductor_bwd_dq",
+        grid=_ind.SymbolicGridFn(_dq_grid),
+        source=template_source("flex_backward_dq.py.jinja"),
+    )
