@@ -209,8 +209,12 @@ def register_dynamo_variable(hop_name: str, variable_cls: type) -> None:
 
 
 def is_dynamo_compiling() -> bool:
-    """True while Dynamo traces (the public torch.compiler spelling)."""
-    return torch.compiler.is_compiling()
+    """True while Dynamo traces (torch.compile or strict export), not under make_fx.
+
+    ``torch.compiler.is_compiling()`` is also True during non-strict export,
+    where no Dynamo variable lifts the tensors the mods capture.
+    """
+    return torch.compiler.is_dynamo_compiling()
 
 
 def dynamo_recompile_limit(limit: int):
@@ -229,6 +233,29 @@ def recompile_limit_error() -> type[Exception]:
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
     return FailOnRecompileLimitHit
+
+
+def dynamo_unsupported_error() -> type[Exception]:
+    """The exception Dynamo raises for what it cannot trace (a graph break)."""
+    from torch._dynamo.exc import Unsupported
+
+    return Unsupported
+
+
+def dynamo_graph_break(gb_type: str, context: str, explanation: str, hints: list[str]):
+    """Raise Dynamo's graph-break exception with our own wording.
+
+    A graph break rather than a hard error: without ``fullgraph`` Dynamo then
+    runs the call eagerly, and the eager path reports the same problem.
+    """
+    import inspect
+
+    from torch._dynamo import exc
+
+    if "gb_type" in inspect.signature(exc.unimplemented).parameters:
+        exc.unimplemented(gb_type=gb_type, context=context, explanation=explanation, hints=hints)
+    # Older spelling (torch < 2.10).
+    exc.unimplemented_v2(gb_type=gb_type, context=context, explanation=explanation, hints=hints)
 
 
 def is_tracing() -> bool:
@@ -476,6 +503,13 @@ def inductor_api() -> SimpleNamespace:
     )
 
 
+def subgraph_lowering_error() -> type[Exception]:
+    """What Inductor raises when a mod is not pointwise (a reduction, a missing lowering)."""
+    from torch._inductor.exc import SubgraphLoweringException
+
+    return SubgraphLoweringException
+
+
 def ordered_set(items=()):
     """Inductor's OrderedSet (private utility)."""
     from torch.utils._ordered_set import OrderedSet
@@ -513,20 +547,20 @@ def _select_returns_choice_by_flag() -> bool:
 def select_algorithm(name, choices, input_nodes, layout, input_gen_fns=None, return_choice=False):
     """Autotune over ``choices``; returns the chosen IR node.
 
-    torch 2.11 returns the node alone (or ``(node, choice)`` with
-    ``return_choice=True``); torch 2.13 always returns ``(node, choice)``.
-    With ``return_choice=True`` this returns ``(node, choice)`` on both, so
-    that the lowering can log the config that won.
+    torch 2.13 returns ``(node, choice)``. torch 2.11 returns the node alone,
+    or ``(node, choice)`` with ``return_choice=True`` except when there is a
+    single choice (then the node alone). With ``return_choice=True`` this
+    returns ``(node, choice)`` on both; ``choice`` may be None on 2.11 when
+    nothing was autotuned, in which case it is the only candidate.
     """
     api = inductor_api()
+    kwargs = {"input_gen_fns": input_gen_fns}
     if _select_returns_choice_by_flag():
-        node, choice = api.autotune_select_algorithm(
-            name, choices, input_nodes, layout, input_gen_fns=input_gen_fns, return_choice=True
-        )
-    else:
-        node, choice = api.autotune_select_algorithm(
-            name, choices, input_nodes, layout, input_gen_fns=input_gen_fns
-        )
+        kwargs["return_choice"] = True
+    result = api.autotune_select_algorithm(name, choices, input_nodes, layout, **kwargs)
+    node, choice = result if isinstance(result, tuple) else (result, None)
+    if choice is None and len(choices) == 1:
+        choice = choices[0]
     return (node, choice) if return_choice else node
 
 

@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from . import _compat
+from ._subgraphs import UntraceableModError, check_traceable, trace_and_lift
 from ._version import CODE_VERSION, CODE_VERSION_KEY
 from .op import flex_inductor_attention
 from .reference import reference_forward
@@ -40,6 +41,31 @@ def op_call(query, key, value, score_mod, block_mask, scale, kernel_options):
     )
 
 
+def _lifted_op_call(query, key, value, score_mod, block_mask, scale, kernel_options):
+    """The op under ``make_fx`` or non-strict export, where Dynamo does not lift.
+
+    Each mod is traced on its own and the tensors it closes over become
+    explicit op inputs, as Dynamo's variable would make them: parameters
+    stay parameters of the traced program (with their gradients), instead of
+    constants baked into the mod's graph.
+    """
+    score_graph, score_buffers = trace_and_lift(score_mod, "score_mod", query)
+    mask_graph, mask_buffers = trace_and_lift(block_mask.mask_mod, "mask_mod", query)
+    return flex_inductor_attention(
+        query,
+        key,
+        value,
+        score_graph,
+        mask_graph,
+        block_mask._flatten_tensors(),
+        block_mask._flatten_sizes(),
+        scale,
+        kernel_options,
+        score_buffers,
+        mask_buffers,
+    )
+
+
 def attention(query, key, value, score_mod, block_mask, scale, kernel_options):
     """Normalise the defaults, then run the op in place or compiled."""
     from .block_mask import _full_block_mask
@@ -50,15 +76,27 @@ def attention(query, key, value, score_mod, block_mask, scale, kernel_options):
         block_mask = _full_block_mask(query.shape[-2], key.shape[-2], query.device)
     options = dict(kernel_options or {})
     options[CODE_VERSION_KEY] = CODE_VERSION
-    if _compat.is_tracing():
+    if _compat.is_dynamo_compiling():
+        # Our Dynamo variable speculates the mods and lifts what they capture.
         return op_call(query, key, value, score_mod, block_mask, scale, options)
+    if _compat.is_tracing():
+        return _lifted_op_call(query, key, value, score_mod, block_mask, scale, options)
     if not templates_available(query.device, query.dtype):
         # No fused kernel here: the blockwise reference is the implementation,
         # and autograd flows through the tensors the mods close over.
+        check_traceable(score_mod, "score_mod", query)
+        check_traceable(block_mask.mask_mod, "mask_mod", query)
         return reference_forward(query, key, value, score_mod, block_mask, scale)
     try:
         with _compat.dynamo_recompile_limit(_RECOMPILE_LIMIT):
             return _compiled_op_call()(query, key, value, score_mod, block_mask, scale, options)
+    except _compat.dynamo_unsupported_error() as error:
+        message = getattr(error, "flex_inductor_message", None)
+        if message is None:
+            raise
+        # Called eagerly, Dynamo's framing (a graph break in our op_call)
+        # would only confuse: say what is wrong with the user's mod.
+        raise UntraceableModError(message) from None
     except _compat.recompile_limit_error() as error:
         warnings.warn(
             f"flex_inductor: more than {_RECOMPILE_LIMIT} distinct flex_attention signatures "
