@@ -1,0 +1,700 @@
+"""BlockMask: which (query block, kv block) tiles attention visits, and how.
+
+A block is *empty* (skipped), *partial* (visited, mask_mod applied) or
+*full* (visited, mask_mod skipped). The kernels read, per query block, the
+sorted list of partial kv blocks and the list of full kv blocks; the
+backward reads the transposed lists, per kv block. See docs/blockmask.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flex_inductor import _mask_utils
+from flex_inductor._compat import pytree_getattr_key, register_pytree_node
+from flex_inductor.combinators import MaskMod, noop_mask
+
+_DEFAULT_BLOCK_SIZE = 128
+_EMPTY, _PARTIAL, _FULL = 0, 1, 2
+
+# Names of the eight tensors, in the order of _flatten_tensors().
+_TENSOR_NAMES = (
+    "kv_num_blocks",
+    "kv_indices",
+    "full_kv_num_blocks",
+    "full_kv_indices",
+    "q_num_blocks",
+    "q_indices",
+    "full_q_num_blocks",
+    "full_q_indices",
+)
+
+
+def _pair(block_size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(block_size, int):
+        return (block_size, block_size)
+    # No int(): under tracing a size may be symbolic, and int() would pin it.
+    q, kv = block_size
+    return (q, kv)
+
+
+def _dense_to_ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
+    """(count, indices) of the True entries of each row, ascending.
+
+    The indices of the False entries follow, also ascending, so the padding
+    is made of valid block indices that kernels may prefetch safely.
+    """
+    num = dense.sum(-1, dtype=torch.int32)
+    # A stable descending sort of a 0/1 row puts the ones first, in order.
+    indices = torch.argsort(dense.to(torch.bool), dim=-1, descending=True, stable=True)
+    return num.contiguous(), indices.to(torch.int32).contiguous()
+
+
+def _ordered_to_dense(num: Tensor, indices: Tensor, num_cols: int) -> Tensor:
+    """Inverse of :func:`_dense_to_ordered`: a 0/1 int32 tensor ``(..., num_cols)``."""
+    valid = torch.arange(indices.shape[-1], device=indices.device) < num.unsqueeze(-1)
+    # Entries past the count are scattered into a spare column, then dropped.
+    cols = torch.where(valid, indices.long(), num_cols)
+    dense = torch.zeros(*indices.shape[:-1], num_cols + 1, dtype=torch.int32, device=num.device)
+    dense.scatter_(-1, cols, 1)
+    return dense[..., :num_cols]
+
+
+def _to_4d(t: Tensor | None, extra: int) -> Tensor | None:
+    """Prepends size-1 batch/head dimensions so that t has ``2 + extra`` dims."""
+    if t is None:
+        return None
+    if not extra <= t.dim() <= 2 + extra:
+        raise ValueError(f"expected a tensor with {2 + extra} dims (B, H, ...), got {t.dim()}")
+    while t.dim() < 2 + extra:
+        t = t.unsqueeze(0)
+    return t
+
+
+class BlockMask:
+    """A block-sparse attention mask: the block layout plus the mask_mod.
+
+    Shapes (B and H may be 1 to broadcast over batch and heads;
+    nq = ceil(Q_LEN / Q_BLOCK_SIZE), nkv = ceil(KV_LEN / KV_BLOCK_SIZE)):
+
+    * ``kv_num_blocks`` int32 ``(B, H, nq)`` and ``kv_indices`` int32
+      ``(B, H, nq, nkv)``: per query block, the partial kv blocks (mask_mod
+      applied), ascending, then padding made of valid block indices.
+    * ``full_kv_num_blocks`` / ``full_kv_indices``: the same for full blocks
+      (mask_mod skipped), or None (then every visited block is partial).
+    * ``q_num_blocks`` ``(B, H, nkv)`` / ``q_indices`` ``(B, H, nkv, nq)`` and
+      ``full_q_num_blocks`` / ``full_q_indices``: the transposed view, per kv
+      block, read by the backward.
+
+    Attributes:
+        seq_lengths: (Q_LEN, KV_LEN).
+        BLOCK_SIZE: (Q_BLOCK_SIZE, KV_BLOCK_SIZE).
+        mask_mod: The mask_mod applied inside partial blocks.
+    """
+
+    seq_lengths: tuple[int, int]
+    BLOCK_SIZE: tuple[int, int]
+    kv_num_blocks: Tensor
+    kv_indices: Tensor
+    full_kv_num_blocks: Tensor | None
+    full_kv_indices: Tensor | None
+    q_num_blocks: Tensor
+    q_indices: Tensor
+    full_q_num_blocks: Tensor | None
+    full_q_indices: Tensor | None
+    mask_mod: MaskMod
+
+    def __init__(
+        self,
+        seq_lengths: tuple[int, int],
+        kv_num_blocks: Tensor,
+        kv_indices: Tensor,
+        full_kv_num_blocks: Tensor | None = None,
+        full_kv_indices: Tensor | None = None,
+        q_num_blocks: Tensor | None = None,
+        q_indices: Tensor | None = None,
+        full_q_num_blocks: Tensor | None = None,
+        full_q_indices: Tensor | None = None,
+        BLOCK_SIZE: int | tuple[int, int] = _DEFAULT_BLOCK_SIZE,
+        mask_mod: MaskMod | None = None,
+    ) -> None:
+        """Stores the layout as given; see :meth:`from_kv_blocks` for the usual entry.
+
+        Only checks shapes (it runs under tracing too). A missing transposed
+        view is computed from the kv view.
+
+        Raises:
+            ValueError: If shapes disagree with each other or with the lengths.
+        """
+        if (full_kv_num_blocks is None) != (full_kv_indices is None):
+            raise ValueError("full_kv_num_blocks and full_kv_indices must be given together")
+        self.seq_lengths = (seq_lengths[0], seq_lengths[1])
+        self.BLOCK_SIZE = _pair(BLOCK_SIZE)
+        self.mask_mod = noop_mask if mask_mod is None else mask_mod
+        self.kv_num_blocks = kv_num_blocks
+        self.kv_indices = kv_indices
+        self.full_kv_num_blocks = full_kv_num_blocks
+        self.full_kv_indices = full_kv_indices
+        self._check_kv_shapes()
+        if q_num_blocks is None or q_indices is None:
+            q_num_blocks, q_indices = self._transpose(kv_num_blocks, kv_indices)
+            if full_kv_num_blocks is not None:
+                full_q_num_blocks, full_q_indices = self._transpose(
+                    full_kv_num_blocks, full_kv_indices
+                )
+        if (full_q_num_blocks is None) != (full_kv_num_blocks is None):
+            raise ValueError("full_q_* must be given exactly when full_kv_* are")
+        self.q_num_blocks = q_num_blocks
+        self.q_indices = q_indices
+        self.full_q_num_blocks = full_q_num_blocks
+        self.full_q_indices = full_q_indices
+
+    def _check_kv_shapes(self) -> None:
+        nq, nkv = self._num_blocks()
+        for num, idx in (
+            (self.kv_num_blocks, self.kv_indices),
+            (self.full_kv_num_blocks, self.full_kv_indices),
+        ):
+            if idx is None:
+                continue
+            if idx.dim() != 4 or tuple(num.shape) != tuple(idx.shape[:-1]):
+                raise ValueError(
+                    "expected num_blocks (B, H, nq) and indices (B, H, nq, nkv), "
+                    f"got {tuple(num.shape)} and {tuple(idx.shape)}"
+                )
+            if tuple(idx.shape[-2:]) != (nq, nkv):
+                raise ValueError(
+                    f"indices of shape {tuple(idx.shape)} do not match seq_lengths "
+                    f"{self.seq_lengths} with BLOCK_SIZE {self.BLOCK_SIZE}: expected "
+                    f"(nq, nkv) = ({nq}, {nkv})"
+                )
+
+    def _num_blocks(self) -> tuple[int, int]:
+        (q_len, kv_len), (qb, kvb) = self.seq_lengths, self.BLOCK_SIZE
+        return (q_len + qb - 1) // qb, (kv_len + kvb - 1) // kvb
+
+    @staticmethod
+    def _transpose(num: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+        dense = _ordered_to_dense(num, indices, indices.shape[-1])
+        return _dense_to_ordered(dense.transpose(-2, -1))
+
+    # ------------------------------------------------------------------
+    # Construction
+    # ------------------------------------------------------------------
+
+    @classmethod
+    def from_kv_blocks(
+        cls,
+        kv_num_blocks: Tensor,
+        kv_indices: Tensor,
+        full_kv_num_blocks: Tensor | None = None,
+        full_kv_indices: Tensor | None = None,
+        BLOCK_SIZE: int | tuple[int, int] = _DEFAULT_BLOCK_SIZE,
+        mask_mod: MaskMod | None = None,
+        seq_lengths: tuple[int, int] | None = None,
+    ) -> BlockMask:
+        """Builds a BlockMask from the kv view; the transposed view is computed.
+
+        Args:
+            kv_num_blocks: Partial blocks per query block, ``(B, H, nq)``.
+                Leading size-1 dims may be left out (``(nq,)`` or ``(H, nq)``).
+            kv_indices: Their kv block indices, ``(B, H, nq, nkv)``.
+            full_kv_num_blocks: Full blocks per query block, or None.
+            full_kv_indices: Their kv block indices, or None.
+            BLOCK_SIZE: int or (Q_BLOCK_SIZE, KV_BLOCK_SIZE).
+            mask_mod: Applied inside partial blocks; ``noop_mask`` if None.
+            seq_lengths: (Q_LEN, KV_LEN); defaults to (nq * Q_BLOCK_SIZE,
+                nkv * KV_BLOCK_SIZE).
+
+        Returns:
+            The BlockMask, with int32 contiguous index tensors.
+
+        Raises:
+            ValueError: On inconsistent shapes or a lone full_kv_* tensor.
+        """
+        if (full_kv_num_blocks is None) != (full_kv_indices is None):
+            raise ValueError("full_kv_num_blocks and full_kv_indices must be given together")
+        block_size = _pair(BLOCK_SIZE)
+        kv_num_blocks, full_kv_num_blocks = (
+            _to_4d(t, 1) for t in (kv_num_blocks, full_kv_num_blocks)
+        )
+        kv_indices, full_kv_indices = (_to_4d(t, 2) for t in (kv_indices, full_kv_indices))
+        if seq_lengths is None:
+            seq_lengths = (
+                kv_indices.shape[-2] * block_size[0],
+                kv_indices.shape[-1] * block_size[1],
+            )
+
+        def as_int32(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(torch.int32).contiguous()
+
+        return cls(
+            seq_lengths,
+            as_int32(kv_num_blocks),
+            as_int32(kv_indices),
+            as_int32(full_kv_num_blocks),
+            as_int32(full_kv_indices),
+            BLOCK_SIZE=block_size,
+            mask_mod=mask_mod,
+        )
+
+    @classmethod
+    def _from_states(
+        cls,
+        states: Tensor,
+        seq_lengths: tuple[int, int],
+        block_size: tuple[int, int],
+        mask_mod: MaskMod,
+    ) -> BlockMask:
+        """From a ``(B, H, nq, nkv)`` int8 map of 0 empty / 1 partial / 2 full."""
+        partial, full = states == _PARTIAL, states == _FULL
+        return cls(
+            seq_lengths,
+            *_dense_to_ordered(partial),
+            *_dense_to_ordered(full),
+            *_dense_to_ordered(partial.transpose(-2, -1)),
+            *_dense_to_ordered(full.transpose(-2, -1)),
+            BLOCK_SIZE=block_size,
+            mask_mod=mask_mod,
+        )
+
+    # ------------------------------------------------------------------
+    # Flat form: pytree, and the op's arguments
+    # ------------------------------------------------------------------
+
+    def _flatten_tensors(self) -> list[Tensor | None]:
+        """The eight layout tensors, kv view then q view, partial then full."""
+        return [getattr(self, name) for name in _TENSOR_NAMES]
+
+    def _flatten_sizes(self) -> list[int]:
+        """``[Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE]``."""
+        return [*self.seq_lengths, *self.BLOCK_SIZE]
+
+    @classmethod
+    def _from_flat(
+        cls, tensors: list[Tensor | None], sizes: list[int], mask_mod: MaskMod
+    ) -> BlockMask:
+        """Inverse of ``_flatten_tensors`` + ``_flatten_sizes`` (no recomputation)."""
+        q_len, kv_len, qb, kvb = sizes
+        return cls((q_len, kv_len), *tensors, BLOCK_SIZE=(qb, kvb), mask_mod=mask_mod)
+
+    def as_tuple(self, flatten: bool = True) -> tuple[Any, ...]:
+        """The fields as a tuple, in torch's order (without its dq_* extras).
+
+        Args:
+            flatten: If True, ``(Q_LEN, KV_LEN, *tensors, Q_BLOCK_SIZE,
+                KV_BLOCK_SIZE, mask_mod)``; else ``(seq_lengths, *tensors,
+                BLOCK_SIZE, mask_mod)``.
+
+        Returns:
+            The tuple.
+        """
+        if flatten:
+            return (*self.seq_lengths, *self._flatten_tensors(), *self.BLOCK_SIZE, self.mask_mod)
+        return (self.seq_lengths, *self._flatten_tensors(), self.BLOCK_SIZE, self.mask_mod)
+
+    # ------------------------------------------------------------------
+    # Dense views and statistics
+    # ------------------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, H, Q_LEN, KV_LEN); B and H are 1 when broadcast."""
+        B, H = self.kv_indices.shape[:2]
+        return (B, H, *self.seq_lengths)
+
+    def numel(self) -> int:
+        """B * H * Q_LEN * KV_LEN: positions covered, sparsity not counted."""
+        return math.prod(self.shape)
+
+    def _block_states(self) -> Tensor:
+        """int8 ``(B, H, nq, nkv)``: 0 skipped, 1 partial, 2 full."""
+        nkv = self.kv_indices.shape[-1]
+        states = _ordered_to_dense(self.kv_num_blocks, self.kv_indices, nkv).to(torch.int8)
+        if self.full_kv_num_blocks is not None:
+            full = _ordered_to_dense(self.full_kv_num_blocks, self.full_kv_indices, nkv)
+            # A malformed layout may list a block in both; report it as full.
+            states = states.masked_fill(full.bool(), _FULL)
+        return states
+
+    def to_dense(self) -> Tensor:
+        """int32 ``(B, H, nq, nkv)``: 1 where a block is visited (partial or full)."""
+        return (self._block_states() != _EMPTY).to(torch.int32)
+
+    def sparsity(self) -> float:
+        """Percentage of blocks skipped, in [0, 100].
+
+        Counted in blocks, so a short last block weighs as much as the others
+        (torch counts positions and can go below 0 for such lengths; for
+        lengths that are multiples of the block size the two agree).
+        """
+        visited = int(self.kv_num_blocks.sum())
+        if self.full_kv_num_blocks is not None:
+            visited += int(self.full_kv_num_blocks.sum())
+        return 100.0 * (1.0 - visited / self.kv_indices.numel())
+
+    # ------------------------------------------------------------------
+    # Indexing and devices
+    # ------------------------------------------------------------------
+
+    def __getitem__(self, index: Any) -> BlockMask:
+        """Selects batches, heads and query blocks; kv blocks are kept whole.
+
+        ``bm[b]``, ``bm[b, h]``, ``bm[b, h, q_blocks]``: each entry is an int,
+        a slice, a list or a 1-d index tensor. Integers keep their dimension
+        (size 1), so the result is always a 4-d BlockMask. The transposed
+        view is recomputed, Q_LEN becomes the length of the selected query
+        blocks, and ``mask_mod`` is wrapped to translate the new indices back
+        to the original ones, so the result stays a faithful mask.
+
+        Raises:
+            IndexError: On more than 3 indices or an empty selection.
+            ValueError: If the short last query block is selected anywhere
+                but in the last position.
+        """
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) > 3:
+            raise IndexError("BlockMask takes at most 3 indices: batch, head, query block")
+        index = (*index, *(slice(None),) * (3 - len(index)))
+        B, H, nq = self.kv_num_blocks.shape
+        device = self.kv_indices.device
+        sel = [
+            torch.arange(n, device=device)[i].reshape(-1)
+            for n, i in zip((B, H, nq), index, strict=True)
+        ]
+        if any(s.numel() == 0 for s in sel):
+            raise IndexError("BlockMask index selects nothing")
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            for dim, s in enumerate(sel):
+                t = t.index_select(dim, s)
+            return t.contiguous()
+
+        q_len = self._selected_q_len(sel[2].tolist())
+        mask_mod = _mask_utils.remap_mask_mod(self.mask_mod, sel, (B, H, nq), self.BLOCK_SIZE[0])
+        return BlockMask(
+            (q_len, self.seq_lengths[1]),
+            pick(self.kv_num_blocks),
+            pick(self.kv_indices),
+            pick(self.full_kv_num_blocks),
+            pick(self.full_kv_indices),
+            BLOCK_SIZE=self.BLOCK_SIZE,
+            mask_mod=mask_mod,
+        )
+
+    def _selected_q_len(self, q_blocks: list[int]) -> int:
+        qb = self.BLOCK_SIZE[0]
+        rows = [min(qb, self.seq_lengths[0] - m * qb) for m in q_blocks]
+        if any(r < qb for r in rows[:-1]):
+            raise ValueError(
+                "the last query block is shorter than Q_BLOCK_SIZE, so it can only be "
+                "selected in the last position"
+            )
+        return sum(rows)
+
+    def to(self, device: torch.device | str) -> BlockMask:
+        """A copy with every tensor on ``device`` (the mask_mod is shared)."""
+        return BlockMask._from_flat(
+            [None if t is None else t.to(device) for t in self._flatten_tensors()],
+            self._flatten_sizes(),
+            self.mask_mod,
+        )
+
+    # ------------------------------------------------------------------
+    # Pictures
+    # ------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockMask(shape={self.shape}, sparsity={self.sparsity():.2f}%, "
+            f"BLOCK_SIZE={self.BLOCK_SIZE}, mask_mod={_mask_utils.name_of(self.mask_mod)})"
+        )
+
+    def __str__(self) -> str:
+        return f"{self!r}\n{self.to_string()}"
+
+    def to_string(self, grid_size: int | tuple[int, int] = (20, 20), limit: int = 4) -> str:
+        """ASCII picture of the block layout: ``█`` full, ``░`` partial, `` `` empty.
+
+        Each character pair summarises a cell of blocks, downsampled to fit
+        ``grid_size``: full or empty only if every block in it is, else partial.
+
+        Args:
+            grid_size: Most (rows, cols) of cells; an int for both; -1 for no
+                downsampling.
+            limit: Most (batch, head) pictures to draw.
+
+        Returns:
+            The picture, one ``(b, h)`` section per batch and head.
+        """
+        states = self._block_states().cpu()
+        B, H, nq, nkv = states.shape
+        if grid_size == -1:
+            max_rows, max_cols = nq, nkv
+        else:
+            max_rows, max_cols = _pair(grid_size)
+        row_step, col_step = math.ceil(nq / max_rows), math.ceil(nkv / max_cols)
+        sections = []
+        for i, (b, h) in enumerate(itertools.product(range(B), range(H))):
+            if i == limit:
+                sections.append(
+                    f"... ({B * H - limit} more; use to_string(limit=N) or index bm[b, h])"
+                )
+                break
+            lines = [f"({b}, {h})"]
+            for r in range(0, nq, row_step):
+                cells = []
+                for c in range(0, nkv, col_step):
+                    cell = states[b, h, r : r + row_step, c : c + col_step]
+                    if bool((cell == _FULL).all()):
+                        cells.append("██")
+                    elif bool((cell == _EMPTY).all()):
+                        cells.append("  ")
+                    else:
+                        cells.append("░░")
+                lines.append("".join(cells))
+            sections.append("\n".join(lines))
+        return "\n".join(sections)
+
+    def save_png(self, path: str, *, limit: int = 4) -> str:
+        """Saves the block layout as a PNG: full and partial blocks in two colours.
+
+        Args:
+            path: Where to write the file.
+            limit: Most (batch, head) panels to draw, side by side.
+
+        Returns:
+            ``path``.
+
+        Raises:
+            ImportError: If matplotlib (the ``plot`` extra) is not installed.
+        """
+        try:
+            from matplotlib.figure import Figure
+            from matplotlib.patches import Patch
+        except ImportError as e:
+            raise ImportError(
+                "BlockMask.save_png needs matplotlib: pip install 'flex_inductor[plot]'"
+            ) from e
+        states = self._block_states().cpu()
+        B, H = states.shape[:2]
+        pairs = list(itertools.product(range(B), range(H)))[:limit]
+        colours = torch.tensor(
+            [[1.0, 1.0, 1.0], [0.96, 0.65, 0.14], [0.12, 0.40, 0.75]]  # empty, partial, full
+        )
+        # Figure without pyplot: no global state, no GUI backend needed.
+        fig = Figure(figsize=(4 * len(pairs), 4.4))
+        for k, (b, h) in enumerate(pairs):
+            ax = fig.add_subplot(1, len(pairs), k + 1)
+            ax.imshow(colours[states[b, h].long()].numpy(), interpolation="nearest")
+            ax.set_title(f"b={b}, h={h}")
+            ax.set_xlabel("kv block")
+            ax.set_ylabel("query block")
+        fig.legend(
+            handles=[
+                Patch(color=colours[_FULL].tolist(), label="full"),
+                Patch(color=colours[_PARTIAL].tolist(), label="partial"),
+            ],
+            loc="upper right",
+        )
+        fig.suptitle(f"{_mask_utils.name_of(self.mask_mod)}: {self.sparsity():.1f}% sparse")
+        fig.savefig(path, format="png")
+        return path
+
+    to_png = save_png
+
+
+# ----------------------------------------------------------------------
+# pytree: the tensors are the children, so BlockMask passes through
+# torch.compile and torch.export like a tuple of tensors.
+# ----------------------------------------------------------------------
+
+
+def _pytree_flatten(bm: BlockMask) -> tuple[list[Tensor | None], tuple]:
+    return bm._flatten_tensors(), (bm.seq_lengths, bm.BLOCK_SIZE, bm.mask_mod)
+
+
+def _pytree_flatten_with_keys(bm: BlockMask) -> tuple[list[tuple[Any, Tensor | None]], tuple]:
+    children, context = _pytree_flatten(bm)
+    keys = [pytree_getattr_key(name) for name in _TENSOR_NAMES]
+    return list(zip(keys, children, strict=True)), context
+
+
+def _pytree_unflatten(children, context: tuple) -> BlockMask:
+    seq_lengths, block_size, mask_mod = context
+    return BlockMask._from_flat(list(children), [*seq_lengths, *block_size], mask_mod)
+
+
+register_pytree_node(
+    BlockMask,
+    _pytree_flatten,
+    _pytree_unflatten,
+    serialized_type_name="flex_inductor.block_mask.BlockMask",
+    flatten_with_keys_fn=_pytree_flatten_with_keys,
+)
+
+
+# ----------------------------------------------------------------------
+# Creation
+# ----------------------------------------------------------------------
+
+
+def _default_device(device: torch.device | str | None) -> torch.device:
+    # torch defaults to "cuda", which fails on CPU-only machines.
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _check_lengths(Q_LEN: int, KV_LEN: int) -> None:
+    for name, n in (("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+
+
+def _batch_heads(B: int | None, H: int | None) -> tuple[int, int]:
+    for name, n in (("B", B), ("H", H)):
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {n!r}")
+    return B or 1, H or 1
+
+
+def create_block_mask(
+    mask_mod: MaskMod,
+    B: int | None,
+    H: int | None,
+    Q_LEN: int,
+    KV_LEN: int,
+    device: torch.device | str | None = None,
+    BLOCK_SIZE: int | tuple[int, int] = _DEFAULT_BLOCK_SIZE,
+    _compile: bool = False,
+    *,
+    _chunk_elements: int = _mask_utils.DEFAULT_CHUNK_ELEMENTS,
+) -> BlockMask:
+    """Builds the BlockMask of ``mask_mod``, in memory-bounded chunks.
+
+    ``mask_mod(b, h, q_idx, kv_idx)`` is evaluated elementwise (nested vmap)
+    over chunks of whole blocks of at most 32M positions, so peak memory
+    does not grow with Q_LEN * KV_LEN. A block is full when every position
+    of it that lies inside the sequences is kept; positions past Q_LEN or
+    KV_LEN do not exist and are never passed to ``mask_mod``.
+
+    Args:
+        mask_mod: ``(b, h, q_idx, kv_idx) -> bool tensor``, written for 0-d tensors.
+        B: Batch size, or None to broadcast over batch (size 1).
+        H: Number of heads, or None to broadcast over heads (size 1).
+        Q_LEN: Query length.
+        KV_LEN: Key/value length.
+        device: Where to evaluate and store; None picks cuda if available,
+            else cpu.
+        BLOCK_SIZE: int or (Q_BLOCK_SIZE, KV_BLOCK_SIZE).
+        _compile: Accepted for compatibility with torch and ignored: chunked
+            eager evaluation is already bounded in memory.
+        _chunk_elements: Most positions evaluated at once (tests use tiny ones).
+
+    Returns:
+        The BlockMask, with full blocks separated from partial ones.
+
+    Raises:
+        TypeError: If ``mask_mod`` does not take 4 arguments or does not return
+            a bool tensor.
+        ValueError: If a length or block size is not positive.
+
+    Example:
+        >>> causal = lambda b, h, q_idx, kv_idx: q_idx >= kv_idx
+        >>> create_block_mask(causal, None, None, 256, 256, device="cpu").sparsity()
+        25.0
+    """
+    del _compile
+    _mask_utils.check_signature(mask_mod)
+    _check_lengths(Q_LEN, KV_LEN)
+    block_size = _pair(BLOCK_SIZE)
+    if min(block_size) < 1:
+        raise ValueError(f"BLOCK_SIZE must be positive, got {BLOCK_SIZE}")
+    device = _default_device(device)
+    B, H = _batch_heads(B, H)
+    _mask_utils.probe(mask_mod, device)
+    states = _mask_utils.evaluate_block_states(
+        mask_mod, (B, H, Q_LEN, KV_LEN), block_size, device, _chunk_elements
+    )
+    return BlockMask._from_states(states, (Q_LEN, KV_LEN), block_size, mask_mod)
+
+
+def create_mask(
+    mask_mod: MaskMod,
+    B: int | None,
+    H: int | None,
+    Q_LEN: int,
+    KV_LEN: int,
+    device: torch.device | str | None = None,
+    *,
+    _chunk_elements: int = _mask_utils.DEFAULT_CHUNK_ELEMENTS,
+) -> Tensor:
+    """The dense bool keep-mask of ``mask_mod``: True where attention is allowed.
+
+    Args:
+        mask_mod: ``(b, h, q_idx, kv_idx) -> bool tensor``.
+        B: Batch size, or None for 1.
+        H: Number of heads, or None for 1.
+        Q_LEN: Query length.
+        KV_LEN: Key/value length.
+        device: None picks cuda if available, else cpu.
+        _chunk_elements: Most positions evaluated at once.
+
+    Returns:
+        bool ``(B, H, Q_LEN, KV_LEN)``. It is dense by nature; chunking only
+        bounds the mask_mod's temporaries.
+
+    Raises:
+        TypeError: As :func:`create_block_mask`.
+    """
+    _mask_utils.check_signature(mask_mod)
+    _check_lengths(Q_LEN, KV_LEN)
+    device = _default_device(device)
+    _mask_utils.probe(mask_mod, device)
+    return _mask_utils.evaluate_dense(
+        mask_mod, (*_batch_heads(B, H), Q_LEN, KV_LEN), device, _chunk_elements
+    )
+
+
+def _full_block_mask(
+    Q_LEN: int,
+    KV_LEN: int,
+    device: torch.device | str,
+    BLOCK_SIZE: int | tuple[int, int] = _DEFAULT_BLOCK_SIZE,
+) -> BlockMask:
+    """A B=1, H=1 BlockMask in which every block is full (no mask_mod is run).
+
+    Used when the caller passes no block mask.
+    """
+    qb, kvb = _pair(BLOCK_SIZE)
+    nq, nkv = math.ceil(Q_LEN / qb), math.ceil(KV_LEN / kvb)
+
+    def layout(rows: int, cols: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # Partial lists are empty; their padding is still valid indices.
+        indices = torch.arange(cols, dtype=torch.int32, device=device).expand(1, 1, rows, cols)
+        empty = torch.zeros(1, 1, rows, dtype=torch.int32, device=device)
+        return empty, indices.clone(), torch.full_like(empty, cols), indices.clone()
+
+    kv_part, kv_idx, kv_full, kv_full_idx = layout(nq, nkv)
+    q_part, q_idx, q_full, q_full_idx = layout(nkv, nq)
+    return BlockMask(
+        (Q_LEN, KV_LEN),
+        kv_part,
+        kv_idx,
+        kv_full,
+        kv_full_idx,
+        q_part,
+        q_idx,
+        q_full,
+        q_full_idx,
+        BLOCK_SIZE=(qb, kvb),
+        mask_mod=noop_mask,
+    )
