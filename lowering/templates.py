@@ -58,3 +58,18 @@ def backward_dq_template():
         grid=_ind.SymbolicGridFn(_dq_grid),
         source=template_source("flex_backward_dq.py.jinja"),
     )
+
+
+def _decode_grid(splits, batch, heads, meta):
+    # One program per (kv slice, batch, kv head or query head).
+    return (splits, batch, heads)
+
+
+@functools.cache
+def decode_template():
+    """The split-KV decode template (kernels named ``*flex_inductor_decode*``)."""
+    return _ind.TritonTemplate(
+        name="flex_inductor_decode",
+        grid=_decode_grid,
+        source=template_source("flex_decode.py.jinja"),
+    )
