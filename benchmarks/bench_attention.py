@@ -47,7 +47,9 @@ def variants(heads: int, seq_len: int, device: str) -> list[Variant]:
     gen = torch.Generator().manual_seed(0)
     lengths, total = [], 0
     while total < seq_len:
-        n = min(int(torch.randint(seq_len // 16, seq_len // 2, (1,), generator=gen)), seq_len - total)
+        n = min(
+            int(torch.randint(seq_len // 16, seq_len // 2, (1,), generator=gen)), seq_len - total
+        )
         lengths.append(n)
         total += n
     return [
@@ -74,6 +76,33 @@ class Row:
     peak_mib: float
 
 
+def _flex_call(fn, q, k, v, score_mod, block_mask, gqa) -> Callable[[], torch.Tensor]:
+    return lambda: fn(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
+
+
+def _sdpa_call(backend, q, k, v, causal: bool, gqa: bool) -> Callable[[], torch.Tensor]:
+    from torch.nn.attention import sdpa_kernel
+
+    def call():
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, enable_gqa=gqa
+            )
+
+    return call
+
+
+def _training_step(fn, inputs, B, Hq, S, D) -> Callable[[], None]:
+    grad_out = torch.randn(B, Hq, S, D, device=inputs[0].device, dtype=inputs[0].dtype)
+
+    def step():
+        for t in inputs:
+            t.grad = None
+        fn().backward(grad_out)
+
+    return step
+
+
 def _bench(fn: Callable[[], object]) -> tuple[float, float]:
     """Median ms and peak extra MiB of ``fn``."""
     import triton.testing
@@ -98,7 +127,7 @@ def _density(mask_mod, seq_len: int, device: str) -> float:
 
 def run(shape_names, variant_names, modes, block_size: int, csv_path: str | None) -> list[Row]:
     """Measure every (shape, variant, mode, implementation) cell."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
     from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
     from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
 
@@ -114,7 +143,9 @@ def run(shape_names, variant_names, modes, block_size: int, csv_path: str | None
                 continue
             density = _density(variant.mask_mod, S, device)
             our_mask = (
-                flex_inductor.create_block_mask(variant.mask_mod, None, None, S, S, device, block_size)
+                flex_inductor.create_block_mask(
+                    variant.mask_mod, None, None, S, S, device, block_size
+                )
                 if variant.mask_mod
                 else None
             )
@@ -130,38 +161,21 @@ def run(shape_names, variant_names, modes, block_size: int, csv_path: str | None
                 v = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, requires_grad=grad)
                 gqa = Hq != Hkv
                 impls: dict[str, Callable] = {
-                    "flex_inductor": lambda: ours(
-                        q, k, v, score_mod=variant.score_mod, block_mask=our_mask, enable_gqa=gqa
-                    ),
-                    "torch_flex": lambda: torch_flex(
-                        q, k, v, score_mod=variant.score_mod, block_mask=torch_mask, enable_gqa=gqa
+                    "flex_inductor": _flex_call(ours, q, k, v, variant.score_mod, our_mask, gqa),
+                    "torch_flex": _flex_call(
+                        torch_flex, q, k, v, variant.score_mod, torch_mask, gqa
                     ),
                 }
                 if variant.sdpa_causal is not None:
-                    for backend_name, backend in (
-                        ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
-                        ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
-                    ):
-
-                        def sdpa(backend=backend):
-                            with sdpa_kernel(backend):
-                                return torch.nn.functional.scaled_dot_product_attention(
-                                    q, k, v, is_causal=variant.sdpa_causal, enable_gqa=gqa
-                                )
-
-                        impls[backend_name] = sdpa
+                    impls["sdpa_cudnn"] = _sdpa_call(
+                        SDPBackend.CUDNN_ATTENTION, q, k, v, variant.sdpa_causal, gqa
+                    )
+                    impls["sdpa_flash"] = _sdpa_call(
+                        SDPBackend.FLASH_ATTENTION, q, k, v, variant.sdpa_causal, gqa
+                    )
                 flops = 4 * B * Hq * S * S * D * density * (3.5 if grad else 1.0)
                 for impl_name, fn in impls.items():
-                    if grad:
-                        grad_out = torch.randn(B, Hq, S, D, device=device, dtype=dtype)
-
-                        def step(fn=fn, grad_out=grad_out):
-                            q.grad = k.grad = v.grad = None
-                            fn().backward(grad_out)
-
-                        call = step
-                    else:
-                        call = fn
+                    call = _training_step(fn, (q, k, v), B, Hq, S, D) if grad else fn
                     try:
                         ms, peak = _bench(call)
                     except Exception as error:  # report and go on: one failing peer

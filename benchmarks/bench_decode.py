@@ -10,11 +10,19 @@ and SDPA (cuDNN and flash backends). Reports GB/s of K and V read
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import torch
 
 import flex_inductor
+
+
+def _sdpa(backend, q, k, v):
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backend):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
 def _time(fn) -> float:
@@ -26,7 +34,7 @@ def _time(fn) -> float:
 
 
 def main(argv=None) -> int:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
     from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,7 +49,9 @@ def main(argv=None) -> int:
     dev, dtype = "cuda", torch.bfloat16
     ours = torch.compile(flex_inductor.flex_attention)
     theirs = torch.compile(torch_flex_attention)
-    print("| KV len | flex_inductor GB/s | torch flex GB/s | cuDNN GB/s | FA2 GB/s | vs torch flex | vs best SDPA |")
+    print(
+        "| KV len | flex_inductor GB/s | torch flex GB/s | cuDNN GB/s | FA2 GB/s | vs torch flex | vs best SDPA |"
+    )
     print("|---|---|---|---|---|---|---|")
     for S in (int(s) for s in args.kv.split(",")):
         q = torch.randn(B, Hq, L, D, device=dev, dtype=dtype)
@@ -50,16 +60,11 @@ def main(argv=None) -> int:
         gbytes = 2 * B * Hkv * S * D * k.element_size() / 1e9
         results = {}
         impls = {
-            "ours": lambda: ours(q, k, v, enable_gqa=True),
-            "torch_flex": lambda: theirs(q, k, v, enable_gqa=True),
+            "ours": functools.partial(ours, q, k, v, enable_gqa=True),
+            "torch_flex": functools.partial(theirs, q, k, v, enable_gqa=True),
+            "cudnn": functools.partial(_sdpa, SDPBackend.CUDNN_ATTENTION, q, k, v),
+            "flash": functools.partial(_sdpa, SDPBackend.FLASH_ATTENTION, q, k, v),
         }
-        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
-
-            def sdpa(backend=backend):
-                with sdpa_kernel(backend):
-                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-            impls[name] = sdpa
         for name, fn in impls.items():
             try:
                 results[name] = gbytes / (_time(fn) / 1e3)
@@ -69,10 +74,15 @@ def main(argv=None) -> int:
         err = (impls["ours"]()[:1].float() - ref.float()).abs().max().item()
         fmt = lambda n: f"{results[n]:.0f}" if n in results else ""  # noqa: E731
         best_sdpa = max((results[n] for n in ("cudnn", "flash") if n in results), default=None)
-        ratio_flex = f"{results['ours'] / results['torch_flex']:.2f}x" if "torch_flex" in results else ""
+        ratio_flex = (
+            f"{results['ours'] / results['torch_flex']:.2f}x" if "torch_flex" in results else ""
+        )
         ratio_sdpa = f"{results['ours'] / best_sdpa:.2f}x" if best_sdpa else ""
-        print(f"| {S} | {fmt('ours')} | {fmt('torch_flex')} | {fmt('cudnn')} | {fmt('flash')} | "
-              f"{ratio_flex} | {ratio_sdpa} |  (max err vs reference {err:.1e})", flush=True)
+        print(
+            f"| {S} | {fmt('ours')} | {fmt('torch_flex')} | {fmt('cudnn')} | {fmt('flash')} | "
+            f"{ratio_flex} | {ratio_sdpa} |  (max err vs reference {err:.1e})",
+            flush=True,
+        )
     return 0
 
 

@@ -32,13 +32,13 @@ def _case(name, B, Hq, Hkv, L, S, E, Ev, score_mod, mask_mod, dtype, backward=Tr
             out.backward(grad_out.to(cast))
             grads = [qq.grad, kk.grad, vv.grad]
         results.append([out, *grads])
-    errors = [(a.double() - b).abs().max().item() for a, b in zip(*results)]
+    errors = [(a.double() - b).abs().max().item() for a, b in zip(*results, strict=False)]
     scale = [b.abs().max().item() for b in results[1]]
     tol = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}[dtype]
-    ok = all(e <= tol * max(1.0, s) for e, s in zip(errors, scale)) and not any(
+    ok = all(e <= tol * max(1.0, s) for e, s in zip(errors, scale, strict=False)) and not any(
         torch.isnan(t).any().item() for t in results[0]
     )
-    print(f"{'ok ' if ok else 'BAD'} {name:<40} {dtype} errs={['%.2e' % e for e in errors]}")
+    print(f"{'ok ' if ok else 'BAD'} {name:<40} {dtype} errs={[f'{e:.2e}' for e in errors]}")
     return ok
 
 
@@ -47,10 +47,45 @@ def main() -> int:
     cases = [
         ("noop bf16", 2, H, H, 256, 256, 64, 64, None, None, torch.bfloat16),
         ("causal bf16", 2, H, H, 384, 384, 128, 128, None, masks.causal(), torch.bfloat16),
-        ("alibi causal fp16", 1, H, H, 300, 300, 64, 64, mods.alibi(H, device="cuda"), masks.causal(), torch.float16),
-        ("softcap sliding fp32", 1, H, H, 257, 257, 40, 40, mods.softcap(20.0), masks.sliding_window(64), torch.float32),
-        ("gqa document Ev!=E bf16", 1, 8, 2, 500, 500, 96, 64, None,
-         masks.document(lengths=[100, 250, 150], device="cuda"), torch.bfloat16),
+        (
+            "alibi causal fp16",
+            1,
+            H,
+            H,
+            300,
+            300,
+            64,
+            64,
+            mods.alibi(H, device="cuda"),
+            masks.causal(),
+            torch.float16,
+        ),
+        (
+            "softcap sliding fp32",
+            1,
+            H,
+            H,
+            257,
+            257,
+            40,
+            40,
+            mods.softcap(20.0),
+            masks.sliding_window(64),
+            torch.float32,
+        ),
+        (
+            "gqa document Ev!=E bf16",
+            1,
+            8,
+            2,
+            500,
+            500,
+            96,
+            64,
+            None,
+            masks.document(lengths=[100, 250, 150], device="cuda"),
+            torch.bfloat16,
+        ),
         ("odd lengths L=17 S=1023", 1, H, H, 17, 1023, 64, 64, None, None, torch.bfloat16),
         ("L=1 decode-shaped", 2, H, H, 1, 700, 128, 128, None, None, torch.bfloat16),
         ("head dim 256", 1, 2, 2, 256, 256, 256, 256, None, masks.causal(), torch.bfloat16),
@@ -74,7 +109,10 @@ def main() -> int:
 def _learnable_bias(bias):
     torch.manual_seed(0)
     L = 512
-    q, k, v = (torch.randn(1, 4, L, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(1, 4, L, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
     score_mod = mods.relative_position_bias(bias)
     bm = fi.create_block_mask(masks.causal(), None, None, L, L, device="cuda")
     out = fi.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm)

@@ -31,20 +31,38 @@ def main(argv=None) -> int:
     B, H, S, D = (int(x) for x in args.shape.split(","))
     dev, dtype = "cuda", torch.bfloat16
     grad = args.mode == "bwd"
-    q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=dtype, requires_grad=grad) for _ in range(3))
-    bm = fi.create_block_mask(masks.causal(), None, None, S, S, device=dev) if args.mask == "causal" else None
+    q, k, v = (
+        torch.randn(B, H, S, D, device=dev, dtype=dtype, requires_grad=grad) for _ in range(3)
+    )
+    bm = (
+        fi.create_block_mask(masks.causal(), None, None, S, S, device=dev)
+        if args.mask == "causal"
+        else None
+    )
     density = 0.5 if args.mask == "causal" else 1.0
     flops = 4 * B * H * S * S * D * density * (3.5 if grad else 1.0)
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     prefix = "bwd_" if grad else "fwd_"
-    grid = itertools.product(ints(args.block_m), ints(args.block_n), ints(args.warps), ints(args.stages))
+    grid = itertools.product(
+        ints(args.block_m), ints(args.block_n), ints(args.warps), ints(args.stages)
+    )
     for bm_, bn, warps, stages in grid:
         if grad:
-            options = {"bwd_BLOCK_M1": bm_ // 2, "bwd_BLOCK_N1": bn, "bwd_BLOCK_M2": bm_, "bwd_BLOCK_N2": bn // 2,
-                       "bwd_num_warps": warps, "bwd_num_stages": stages}
+            options = {
+                "bwd_BLOCK_M1": bm_ // 2,
+                "bwd_BLOCK_N1": bn,
+                "bwd_BLOCK_M2": bm_,
+                "bwd_BLOCK_N2": bn // 2,
+                "bwd_num_warps": warps,
+                "bwd_num_stages": stages,
+            }
         else:
-            options = {f"{prefix}BLOCK_M": bm_, f"{prefix}BLOCK_N": bn, f"{prefix}num_warps": warps,
-                       f"{prefix}num_stages": stages}
+            options = {
+                f"{prefix}BLOCK_M": bm_,
+                f"{prefix}BLOCK_N": bn,
+                f"{prefix}num_warps": warps,
+                f"{prefix}num_stages": stages,
+            }
 
         def call(options=options):
             out = fi.flex_attention(q, k, v, block_mask=bm, kernel_options=options)

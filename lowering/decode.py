@@ -62,8 +62,17 @@ def decode_eligible(query, key, block_mask, block_sizes, kernel_options) -> bool
 
 
 def lower_decode(
-    query, key, value, score_mod, mask_mod, block_mask, block_sizes, scale,
-    kernel_options, score_mod_buffers, mask_mod_buffers,
+    query,
+    key,
+    value,
+    score_mod,
+    mask_mod,
+    block_mask,
+    block_sizes,
+    scale,
+    kernel_options,
+    score_mod_buffers,
+    mask_mod_buffers,
 ):
     """Lower a short-query forward call; returns ``(out, lse)`` like the forward."""
     ir, lowerings = _ind.ir, _ind.lowerings
@@ -83,7 +92,9 @@ def lower_decode(
     rows = (group if pack else 1) * q_len
     block_m = max(16, 1 << (rows - 1).bit_length())
     options = dict(kernel_options)
-    block_n = int(options.get("decode_BLOCK_N", options.get("BLOCK_N", _default_block_n(kv_block, device))))
+    block_n = int(
+        options.get("decode_BLOCK_N", options.get("BLOCK_N", _default_block_n(kv_block, device)))
+    )
     if kv_block % block_n:
         raise ValueError(
             f"kernel_options: BLOCK_N={block_n} must divide the BlockMask's kv block size {kv_block}"
@@ -93,7 +104,8 @@ def lower_decode(
 
     query, key, value = fixed_inputs(query, key, value)
     sparse = fixed_inputs(
-        kv_num_blocks, kv_indices,
+        kv_num_blocks,
+        kv_indices,
         full_kv_num_blocks if has_full else kv_num_blocks,
         full_kv_indices if has_full else kv_indices,
     )
@@ -143,7 +155,12 @@ def lower_decode(
     declare_subgraph_symbols(partial_out, [*score_buffers, *mask_buffers], [score_sub, mask_sub])
     log.info(
         "flex_inductor_decode: L=%s group=%s packed=%s splits=%s BLOCK_M=%s BLOCK_N=%s",
-        q_len, group, pack, split, block_m, block_n,
+        q_len,
+        group,
+        pack,
+        split,
+        block_m,
+        block_n,
     )
     out, lse = _merge_splits(partial_out, partial_lse, dtype, lowerings)
     return out, lse
@@ -172,9 +189,7 @@ def _merge_splits(partial_out, partial_lse, dtype, lowerings):
         const_like(total, neg_inf),
         lowerings[aten.add.Tensor](shift, lowerings[aten.log.default](safe_total)),
     )
-    scaled = lowerings[aten.mul.Tensor](
-        partial_out, lowerings[aten.unsqueeze.default](weights, -1)
-    )
+    scaled = lowerings[aten.mul.Tensor](partial_out, lowerings[aten.unsqueeze.default](weights, -1))
     out = lowerings[aten.div.Tensor](
         lowerings[aten.sum.dim_IntList](scaled, [0]),
         lowerings[aten.unsqueeze.default](safe_total, -1),

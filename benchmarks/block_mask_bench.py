@@ -1,0 +1,221 @@
+"""Time create_block_mask on a document mask, next to torch's, with peak memory.
+
+Each case runs in a fresh process, so that the peak resident set size
+(``ru_maxrss``) it reports belongs to that case alone. Prints a GitHub-style
+table; ``--csv`` also writes the rows with torch version, device and date.
+
+    python benchmarks/block_mask_bench.py                # 8k, 32k, 131072 on cpu
+    python benchmarks/block_mask_bench.py --device cuda --lengths 8192 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import multiprocessing
+import resource
+import sys
+import time
+
+# torch's create_block_mask holds the dense Q_LEN x KV_LEN mask: past this
+# length it needs more memory than the machines we run on.
+TORCH_PEER_MAX_LEN = 32768
+MEAN_DOCUMENT_LEN = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    impl: str  # "flex_inductor" or "torch"
+    seq_len: int
+    device: str
+    block_size: int = 128
+    threads: int | None = None  # torch's default when None
+    repeats: int = 1
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    config: Config
+    seconds: float | None
+    peak_rss_delta_mib: float | None
+    sparsity: float | None
+    note: str = ""
+
+
+def _max_rss_mib() -> float:
+    # Linux reports ru_maxrss in KiB (macOS in bytes; not supported here).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def document_ids(seq_len: int, seed: int):
+    """Document id of each position, for random document lengths."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    num_docs = max(1, seq_len // MEAN_DOCUMENT_LEN)
+    cuts = torch.randperm(seq_len - 1, generator=gen)[: num_docs - 1] + 1
+    starts = torch.zeros(seq_len, dtype=torch.int64)
+    starts[cuts] = 1
+    return starts.cumsum(0)
+
+
+def _run_case(config: Config, queue) -> None:
+    import torch
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.impl == "torch":
+        from torch.nn.attention.flex_attention import create_block_mask
+    else:
+        from flex_inductor.block_mask import create_block_mask
+
+    doc = document_ids(config.seq_len, config.seed).to(config.device)
+
+    def document(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    # Warm up the machinery (vmap, kernels) on a small case, outside the timing.
+    create_block_mask(document, 1, 1, 256, 256, device=config.device)
+    if config.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    before = _max_rss_mib()
+    seconds = float("inf")
+    for _ in range(config.repeats):
+        start = time.perf_counter()
+        bm = create_block_mask(
+            document,
+            1,
+            1,
+            config.seq_len,
+            config.seq_len,
+            device=config.device,
+            BLOCK_SIZE=config.block_size,
+        )
+        if config.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        # Best of the repeats: the machine may be shared.
+        seconds = min(seconds, time.perf_counter() - start)
+        sparsity = bm.sparsity()
+        del bm
+    queue.put(Result(config, seconds, _max_rss_mib() - before, sparsity))
+
+
+def run(config: Config) -> Result:
+    """Runs one case in a fresh process and returns its measurements."""
+    if config.impl == "torch" and config.seq_len > TORCH_PEER_MAX_LEN:
+        gib = config.seq_len**2 / 2**30
+        return Result(config, None, None, None, f"skipped: dense mask alone is {gib:.0f} GiB")
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_run_case, args=(config, queue))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        return Result(config, None, None, None, f"failed (exit code {proc.exitcode})")
+    return queue.get()
+
+
+def torch_threads() -> int:
+    """torch's default intra-op thread count in this environment."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown_table(results: list[Result]) -> str:
+    """GitHub-style table; the ratio column is torch time / our time."""
+    ours = {r.config.seq_len: r for r in results if r.config.impl == "flex_inductor"}
+    rows = [
+        "| impl | seq_len | device | threads | time (s) | peak RSS delta (MiB) | sparsity (%) "
+        "| torch time / ours | note |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        ratio = None
+        base = ours.get(r.config.seq_len)
+        if r.config.impl == "torch" and r.seconds and base and base.seconds:
+            ratio = r.seconds / base.seconds
+        rows.append(
+            f"| {r.config.impl} | {r.config.seq_len} | {r.config.device} "
+            f"| {r.config.threads or torch_threads()} "
+            f"| {_fmt(r.seconds, '.3f')} | {_fmt(r.peak_rss_delta_mib, '.0f')} "
+            f"| {_fmt(r.sparsity, '.2f')} | {_fmt(ratio, '.2f')} | {r.note} |"
+        )
+    return "\n".join(rows)
+
+
+def write_csv(path: str, results: list[Result]) -> None:
+    """Writes the results with the torch version, device and date."""
+    import torch
+
+    device_name = "cpu"
+    if results and results[0].config.device.startswith("cuda"):
+        device_name = torch.cuda.get_device_name()
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            [
+                "impl",
+                "seq_len",
+                "device",
+                "device_name",
+                "seconds",
+                "peak_rss_delta_mib",
+                "sparsity",
+                "note",
+                "torch",
+                "python",
+                "date",
+            ]
+        )
+        for r in results:
+            writer.writerow(
+                [
+                    r.config.impl,
+                    r.config.seq_len,
+                    r.config.device,
+                    device_name,
+                    r.seconds,
+                    r.peak_rss_delta_mib,
+                    r.sparsity,
+                    r.note,
+                    torch.__version__,
+                    sys.version.split()[0],
+                    datetime.date.today().isoformat(),
+                ]
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads in each case")
+    parser.add_argument("--repeats", type=int, default=1, help="report the best of N runs")
+    parser.add_argument("--no-torch", action="store_true", help="skip torch's create_block_mask")
+    parser.add_argument("--csv", help="also write the results to this CSV file")
+    args = parser.parse_args()
+
+    impls = ["flex_inductor"] if args.no_torch else ["flex_inductor", "torch"]
+    results = []
+    for seq_len in args.lengths:
+        for impl in impls:
+            config = Config(impl, seq_len, args.device, args.block_size, args.threads, args.repeats)
+            result = run(config)
+            print(f"{impl} {seq_len}: {result.seconds} s", file=sys.stderr, flush=True)
+            results.append(result)
+    print(markdown_table(results))
+    if args.csv:
+        write_csv(args.csv, results)
+
+
+if __name__ == "__main__":
+    main()
