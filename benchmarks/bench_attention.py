@@ -133,8 +133,10 @@ def run(shape_names, variant_names, modes, block_size: int, csv_path: str | None
 
     device = "cuda"
     dtype = torch.bfloat16
-    torch_flex = torch.compile(torch_flex_attention)
-    ours = torch.compile(flex_inductor.flex_attention)
+    # Every cell gets fresh compiled wrappers after a Dynamo reset: one shared
+    # wrapper would hit Dynamo's recompile limit after 8 cells and silently
+    # fall back to eager, for us and for the peer alike.
+    torch._dynamo.config.recompile_limit = 64
     rows: list[Row] = []
     for shape_name in shape_names:
         B, Hq, Hkv, S, D = SHAPES[shape_name]
@@ -155,6 +157,9 @@ def run(shape_names, variant_names, modes, block_size: int, csv_path: str | None
                 else None
             )
             for mode in modes:
+                torch._dynamo.reset()
+                torch_flex = torch.compile(torch_flex_attention)
+                ours = torch.compile(flex_inductor.flex_attention)
                 grad = mode == "fwdbwd"
                 q = torch.randn(B, Hq, S, D, device=device, dtype=dtype, requires_grad=grad)
                 k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, requires_grad=grad)
