@@ -19,9 +19,11 @@ import resource
 import sys
 import time
 
-# torch's create_block_mask holds the dense Q_LEN x KV_LEN mask: past this
-# length it needs more memory than the machines we run on.
-TORCH_PEER_MAX_LEN = 32768
+# torch's create_block_mask holds the dense Q_LEN x KV_LEN mask (and copies
+# of it): past this length it needs more memory than a 24 GiB CPU machine
+# (10 GiB at 32768), or an 80 GiB GPU (out of memory at 131072).
+# --torch-max-len overrides.
+TORCH_PEER_MAX_LEN = {"cpu": 32768, "cuda": 65536}
 MEAN_DOCUMENT_LEN = 2048
 
 
@@ -32,6 +34,7 @@ class Config:
     device: str
     block_size: int = 128
     threads: int | None = None  # torch's default when None
+    torch_max_len: int | None = None  # TORCH_PEER_MAX_LEN of the device when None
     repeats: int = 1
     seed: int = 0
 
@@ -42,6 +45,7 @@ class Result:
     seconds: float | None
     peak_rss_delta_mib: float | None
     sparsity: float | None
+    peak_device_mib: float | None = None
     note: str = ""
 
 
@@ -79,8 +83,11 @@ def _run_case(config: Config, queue) -> None:
 
     # Warm up the machinery (vmap, kernels) on a small case, outside the timing.
     create_block_mask(document, 1, 1, 256, 256, device=config.device)
-    if config.device.startswith("cuda"):
+    on_cuda = config.device.startswith("cuda")
+    if on_cuda:
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        allocated = torch.cuda.memory_allocated()
     before = _max_rss_mib()
     seconds = float("inf")
     for _ in range(config.repeats):
@@ -94,27 +101,29 @@ def _run_case(config: Config, queue) -> None:
             device=config.device,
             BLOCK_SIZE=config.block_size,
         )
-        if config.device.startswith("cuda"):
+        if on_cuda:
             torch.cuda.synchronize()
         # Best of the repeats: the machine may be shared.
         seconds = min(seconds, time.perf_counter() - start)
         sparsity = bm.sparsity()
         del bm
-    queue.put(Result(config, seconds, _max_rss_mib() - before, sparsity))
+    device_mib = (torch.cuda.max_memory_allocated() - allocated) / 2**20 if on_cuda else None
+    queue.put(Result(config, seconds, _max_rss_mib() - before, sparsity, device_mib))
 
 
 def run(config: Config) -> Result:
     """Runs one case in a fresh process and returns its measurements."""
-    if config.impl == "torch" and config.seq_len > TORCH_PEER_MAX_LEN:
+    max_len = config.torch_max_len or TORCH_PEER_MAX_LEN.get(config.device.split(":")[0], 0)
+    if config.impl == "torch" and config.seq_len > max_len:
         gib = config.seq_len**2 / 2**30
-        return Result(config, None, None, None, f"skipped: dense mask alone is {gib:.0f} GiB")
+        return Result(config, None, None, None, note=f"skipped: dense mask alone is {gib:.0f} GiB")
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_run_case, args=(config, queue))
     proc.start()
     proc.join()
     if proc.exitcode != 0:
-        return Result(config, None, None, None, f"failed (exit code {proc.exitcode})")
+        return Result(config, None, None, None, note=f"failed (exit code {proc.exitcode})")
     return queue.get()
 
 
@@ -133,9 +142,9 @@ def markdown_table(results: list[Result]) -> str:
     """GitHub-style table; the ratio column is torch time / our time."""
     ours = {r.config.seq_len: r for r in results if r.config.impl == "flex_inductor"}
     rows = [
-        "| impl | seq_len | device | threads | time (s) | peak RSS delta (MiB) | sparsity (%) "
-        "| torch time / ours | note |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| impl | seq_len | device | threads | time (s) | peak RSS delta (MiB) "
+        "| peak device memory (MiB) | sparsity (%) | torch time / ours | note |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         ratio = None
@@ -146,6 +155,7 @@ def markdown_table(results: list[Result]) -> str:
             f"| {r.config.impl} | {r.config.seq_len} | {r.config.device} "
             f"| {r.config.threads or torch_threads()} "
             f"| {_fmt(r.seconds, '.3f')} | {_fmt(r.peak_rss_delta_mib, '.0f')} "
+            f"| {_fmt(r.peak_device_mib, '.0f')} "
             f"| {_fmt(r.sparsity, '.2f')} | {_fmt(ratio, '.2f')} | {r.note} |"
         )
     return "\n".join(rows)
@@ -168,6 +178,7 @@ def write_csv(path: str, results: list[Result]) -> None:
                 "device_name",
                 "seconds",
                 "peak_rss_delta_mib",
+                "peak_device_mib",
                 "sparsity",
                 "note",
                 "torch",
@@ -184,6 +195,7 @@ def write_csv(path: str, results: list[Result]) -> None:
                     device_name,
                     r.seconds,
                     r.peak_rss_delta_mib,
+                    r.peak_device_mib,
                     r.sparsity,
                     r.note,
                     torch.__version__,
@@ -201,6 +213,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads in each case")
     parser.add_argument("--repeats", type=int, default=1, help="report the best of N runs")
     parser.add_argument("--no-torch", action="store_true", help="skip torch's create_block_mask")
+    parser.add_argument(
+        "--torch-max-len", type=int, help="longest length to run torch's at (default by device)"
+    )
     parser.add_argument("--csv", help="also write the results to this CSV file")
     args = parser.parse_args()
 
@@ -208,7 +223,15 @@ def main() -> None:
     results = []
     for seq_len in args.lengths:
         for impl in impls:
-            config = Config(impl, seq_len, args.device, args.block_size, args.threads, args.repeats)
+            config = Config(
+                impl,
+                seq_len,
+                args.device,
+                args.block_size,
+                threads=args.threads,
+                torch_max_len=args.torch_max_len,
+                repeats=args.repeats,
+            )
             result = run(config)
             print(f"{impl} {seq_len}: {result.seconds} s", file=sys.stderr, flush=True)
             results.append(result)

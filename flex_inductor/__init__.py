@@ -25,6 +25,7 @@ from ._dynamo_variable import register as _register_dynamo_variable  # noqa: E40
 from .api import flex_attention  # noqa: E402
 from .block_mask import BlockMask, create_block_mask, create_mask  # noqa: E402
 from .combinators import and_masks, noop_mask, or_masks  # noqa: E402
+from .paged import PagedKVCache  # noqa: E402
 from .reference import flex_attention_reference  # noqa: E402
 
 _register_dynamo_variable()
@@ -43,6 +44,7 @@ def enable_interpreter() -> None:
 
 __all__ = [
     "BlockMask",
+    "PagedKVCache",
     "and_masks",
     "create_block_mask",
     "create_mask",

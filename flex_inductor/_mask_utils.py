@@ -22,11 +22,20 @@ from flex_inductor._compat import transform_getitem_to_index
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
-# Positions evaluated at once: 32 MiB of bools, and 256 MiB for each int64
-# temporary a mask_mod makes (``q_idx - kv_idx``). Smaller chunks pay more
-# per-chunk overhead (vmap's Python, a dozen small ops that each wait for
-# every thread); larger ones run no faster and cost memory.
-DEFAULT_CHUNK_ELEMENTS = 1 << 25
+# Positions evaluated at once on CPU: 32 MiB of bools, and 256 MiB for each
+# int64 temporary a mask_mod makes (``q_idx - kv_idx``). Smaller chunks pay
+# more per-chunk overhead (vmap's Python, a dozen small ops that each wait
+# for every thread); larger ones run no faster and cost memory.
+CPU_CHUNK_ELEMENTS = 1 << 25
+# On an accelerator a chunk takes microseconds and the per-chunk Python
+# dominates, so chunks are 8x larger: 256 MiB of bools, 2 GiB per int64
+# temporary, still far below a dense Q_LEN x KV_LEN mask at long lengths.
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 28
+
+
+def default_chunk_elements(device: torch.device) -> int:
+    """The chunk size, in positions, for evaluating on ``device``."""
+    return CPU_CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
 
 
 def name_of(mask_mod: Callable) -> str:
@@ -60,10 +69,11 @@ def check_signature(mask_mod: Callable) -> None:
 
 @contextlib.contextmanager
 def evaluation_mode() -> Iterator[None]:
-    """No autograd, and ``table[q_idx]`` with 0-d index tensors made traceable.
+    """No autograd, and ``table[idx]`` evaluated as ``aten.index``.
 
-    Without the getitem transform, indexing with a 0-d tensor converts it to
-    a Python int, which fails under vmap.
+    torch's create_mask does the same: indexing then runs the op that the
+    compiled kernels trace (an int index becomes a 0-d tensor too), so a
+    mask_mod means the same thing here as inside attention.
     """
     with torch.no_grad(), transform_getitem_to_index()():
         yield
@@ -250,13 +260,16 @@ def chunk_positions(chunk: Chunk, block_size: tuple[int, int], seq_lengths, devi
     )
 
 
-def _group_sizes(n: int, size: int) -> list[int]:
-    """Lengths of consecutive groups of ``size`` covering ``n``; the last may be short.
+def _group_sizes(n: int, size: int, device: torch.device) -> Tensor:
+    """int32 lengths of consecutive groups of ``size`` covering ``n``; the last may be short.
 
     The short group is the part of the last block that lies inside the
     sequence: positions past the end do not exist, so nothing is padded in.
+    Built on the device (no host-to-device copy, which would make the host
+    wait for the device on every chunk).
     """
-    return [size] * (n // size) + ([n % size] if n % size else [])
+    starts = torch.arange(0, n, size, dtype=torch.int32, device=device)
+    return (n - starts).clamp_(max=size)
 
 
 # A bool is one byte, 0 or 1. Read eight of them as one int64 word and add up
@@ -327,8 +340,8 @@ def block_states(mask: Tensor, block_size: tuple[int, int]) -> Tensor:
     # Count along kv first: it is contiguous and the result is KB times
     # smaller, so the count along q is cheap.
     counts = _count_groups(_count_groups(mask.view(torch.uint8), 3, KB), 2, QB)
-    rows = torch.tensor(_group_sizes(mask.shape[2], QB), dtype=torch.int32, device=mask.device)
-    cols = torch.tensor(_group_sizes(mask.shape[3], KB), dtype=torch.int32, device=mask.device)
+    rows = _group_sizes(mask.shape[2], QB, mask.device)
+    cols = _group_sizes(mask.shape[3], KB, mask.device)
     # Positions that exist in each block: full means all of them are kept.
     size = rows[:, None] * cols[None, :]
     return (counts > 0).to(torch.int8) + (counts == size).to(torch.int8)
@@ -339,7 +352,7 @@ def evaluate_block_states(
     shape: tuple[int, int, int, int],
     block_size: tuple[int, int],
     device: torch.device,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> Tensor:
     """Block classification of ``mask_mod`` over ``(B, H, Q_LEN, KV_LEN)``.
 
@@ -348,7 +361,8 @@ def evaluate_block_states(
         shape: (B, H, Q_LEN, KV_LEN).
         block_size: (Q_BLOCK_SIZE, KV_BLOCK_SIZE).
         device: Where to evaluate.
-        chunk_elements: Most positions evaluated at once.
+        chunk_elements: Most positions evaluated at once; None for the
+            device's default.
 
     Returns:
         int8 ``(B, H, num_q_blocks, num_kv_blocks)``: 0 empty, 1 partial, 2 full.
@@ -359,7 +373,8 @@ def evaluate_block_states(
     vmapped = vmap_bhqkv(mask_mod)
     states = torch.empty(grid, dtype=torch.int8, device=device)
     free = free_dims(vmapped, mask_mod, B, H, device)
-    for chunk in plan_chunks(grid, block_size, chunk_elements, free):
+    budget = chunk_elements or default_chunk_elements(device)
+    for chunk in plan_chunks(grid, block_size, budget, free):
         idx = chunk_positions(chunk, block_size, (Q_LEN, KV_LEN), device)
         mask = evaluate(mask_mod, vmapped, *idx)
         states[chunk.b, chunk.h, chunk.q_blocks, chunk.kv_blocks] = block_states(mask, block_size)
@@ -370,7 +385,7 @@ def evaluate_dense(
     mask_mod: MaskMod,
     shape: tuple[int, int, int, int],
     device: torch.device,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> Tensor:
     """The dense bool keep-mask ``(B, H, Q_LEN, KV_LEN)`` of ``mask_mod``.
 
@@ -383,7 +398,8 @@ def evaluate_dense(
     grid = (B, H, math.ceil(Q_LEN / 128), math.ceil(KV_LEN / 128))
     vmapped = vmap_bhqkv(mask_mod)
     out = torch.empty(shape, dtype=torch.bool, device=device)
-    for chunk in plan_chunks(grid, block_size, chunk_elements):
+    budget = chunk_elements or default_chunk_elements(device)
+    for chunk in plan_chunks(grid, block_size, budget):
         b, h, q, kv = chunk_positions(chunk, block_size, (Q_LEN, KV_LEN), device)
         q0, kv0 = chunk.q_blocks.start * 128, chunk.kv_blocks.start * 128
         rows = slice(q0, q0 + len(q))

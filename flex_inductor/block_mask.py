@@ -576,12 +576,12 @@ def create_block_mask(
     BLOCK_SIZE: int | tuple[int, int] = _DEFAULT_BLOCK_SIZE,
     _compile: bool = False,
     *,
-    _chunk_elements: int = _mask_utils.DEFAULT_CHUNK_ELEMENTS,
+    _chunk_elements: int | None = None,
 ) -> BlockMask:
     """Builds the BlockMask of ``mask_mod``, in memory-bounded chunks.
 
     ``mask_mod(b, h, q_idx, kv_idx)`` is evaluated elementwise (nested vmap)
-    over chunks of whole blocks of at most 32M positions, so peak memory
+    over chunks of whole blocks (32M positions on CPU), so peak memory
     does not grow with Q_LEN * KV_LEN. A block is full when every position
     of it that lies inside the sequences is kept; positions past Q_LEN or
     KV_LEN do not exist and are never passed to ``mask_mod``.
@@ -597,7 +597,8 @@ def create_block_mask(
         BLOCK_SIZE: int or (Q_BLOCK_SIZE, KV_BLOCK_SIZE).
         _compile: Accepted for compatibility with torch and ignored: chunked
             eager evaluation is already bounded in memory.
-        _chunk_elements: Most positions evaluated at once (tests use tiny ones).
+        _chunk_elements: Most positions evaluated at once; None for the device's
+            default (32M on CPU, 256M elsewhere). Tests use tiny ones.
 
     Returns:
         The BlockMask, with full blocks separated from partial ones.
@@ -635,7 +636,7 @@ def create_mask(
     KV_LEN: int,
     device: torch.device | str | None = None,
     *,
-    _chunk_elements: int = _mask_utils.DEFAULT_CHUNK_ELEMENTS,
+    _chunk_elements: int | None = None,
 ) -> Tensor:
     """The dense bool keep-mask of ``mask_mod``: True where attention is allowed.
 
@@ -646,7 +647,8 @@ def create_mask(
         Q_LEN: Query length.
         KV_LEN: Key/value length.
         device: None picks cuda if available, else cpu.
-        _chunk_elements: Most positions evaluated at once.
+        _chunk_elements: Most positions evaluated at once; None for the device's
+            default.
 
     Returns:
         bool ``(B, H, Q_LEN, KV_LEN)``. It is dense by nature; chunking only
