@@ -57,7 +57,7 @@ def is_mutable_overload(target: Any) -> bool:
 @functools.cache
 def hop_api() -> SimpleNamespace:
     """What the higher-order op needs from torch's generic HOP machinery."""
-    from torch._C import DispatchKey, _ExcludeDispatchKeyGuard, DispatchKeySet
+    from torch._C import DispatchKey, DispatchKeySet, _ExcludeDispatchKeyGuard
     from torch._higher_order_ops.utils import (
         _from_fun,
         reenter_make_fx,
@@ -176,10 +176,10 @@ def transform_getitem_to_index():
 @functools.cache
 def dynamo_api() -> SimpleNamespace:
     """Private Dynamo pieces the op's variable tracker is built from."""
+    from torch._dynamo.utils import proxy_args_kwargs
     from torch._dynamo.variables import higher_order_ops as hoo
     from torch._dynamo.variables.builder import wrap_fx_proxy
     from torch._dynamo.variables.lists import ListVariable, TupleVariable
-    from torch._dynamo.utils import proxy_args_kwargs
     from torch.fx.experimental.proxy_tensor import set_original_aten_op
 
     return SimpleNamespace(
@@ -235,11 +235,30 @@ def recompile_limit_error() -> type[Exception]:
     return FailOnRecompileLimitHit
 
 
+def dynamo_specialize_scalars():
+    """Context manager: Python numbers Dynamo first meets in its body are constants.
+
+    Dynamo wraps a closure cell or global lazily, when the traced code reads
+    it; under ``dynamic=True`` (or after one change) a number would become a
+    symbolic input. Inside a mod it must stay a constant of the kernel.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.patch(specialize_int=True, specialize_float=True)
+
+
 def dynamo_unsupported_error() -> type[Exception]:
     """The exception Dynamo raises for what it cannot trace (a graph break)."""
     from torch._dynamo.exc import Unsupported
 
     return Unsupported
+
+
+def data_dependent_error() -> type[Exception]:
+    """What tracing raises when Python needs the value of a symbolic number."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    return GuardOnDataDependentSymNode
 
 
 def dynamo_graph_break(gb_type: str, context: str, explanation: str, hints: list[str]):
@@ -297,11 +316,16 @@ def enable_triton_interpreter() -> None:
     """
     import sys
 
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        # triton reads TRITON_INTERPRET when its runtime is first used; set it
-        # now and hope no kernel has been built yet.
-        os.environ["TRITON_INTERPRET"] = "1"
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if "triton.language" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        # triton.language defines its helpers (tl.zeros...) as interpreted or
+        # compiled functions when it is imported; too late to switch now.
+        raise RuntimeError(
+            "flex_inductor: Triton's interpreter must be chosen before triton.language is "
+            "imported (importing flex_inductor or torch._inductor imports it). Set "
+            "FLEX_INDUCTOR_INTERPRET=1 in the environment before starting Python, or call "
+            "flex_inductor._compat.enable_triton_interpreter() before any other import."
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
 
     import torch._inductor.config as inductor_config
     import torch.utils._triton as torch_triton
@@ -319,6 +343,7 @@ def enable_triton_interpreter() -> None:
 
     _patch_interpreter_scalar_index()
     _patch_interpreter_libdevice()
+    _patch_interpreter_bfloat16()
     backend = _InterpreterBackend()
     torch_triton.triton_backend = lambda: backend
     torch_triton.triton_hash_with_backend = lambda: hashlib.sha256(
@@ -351,52 +376,59 @@ def _patch_interpreter_scalar_index() -> None:
     interpreter._patch_lang_tensor = patch_lang_tensor
 
 
-def _patch_interpreter_libdevice() -> None:
-    """Give Triton's interpreter numpy versions of the libdevice math Inductor emits.
+def _patch_interpreter_bfloat16() -> None:
+    """Make bfloat16 arithmetic in Triton's interpreter match a GPU's.
 
-    On a GPU ``libdevice.tanh`` (say) resolves to a device library call; the
-    interpreter has no such library and the call returns None. A mod such as
-    a tanh soft-cap must still run on CPU, so each function is mapped to the
-    numpy function of the same maths, applied to the interpreter's arrays.
+    numpy has no bfloat16, so the interpreter keeps bfloat16 data as its raw
+    uint16 bits. Two consequences, both fixed here:
+
+    * ``tl.dot`` multiplied those integers (every bfloat16 result was
+      garbage, ~1e10). A bfloat16 is the top half of a float32: shifting the
+      bits up 16 gives the exact float32 value to multiply.
+    * float32 -> bfloat16 casts truncated, where a GPU rounds to nearest
+      even; outputs were up to one bfloat16 ulp off instead of half. Casts
+      from other types went through ``astype(uint16)``, i.e. to integers.
     """
-    import math
-
     import numpy as np
     import triton.language as tl
-    from triton.language.extra import libdevice
-    from triton.runtime.interpreter import TensorHandle
+    from triton.runtime import interpreter
 
-    unary = {
-        "tanh": np.tanh, "sinh": np.sinh, "cosh": np.cosh, "tan": np.tan,
-        "asin": np.arcsin, "acos": np.arccos, "atan": np.arctan, "asinh": np.arcsinh,
-        "acosh": np.arccosh, "atanh": np.arctanh, "exp": np.exp, "exp2": np.exp2,
-        "expm1": np.expm1, "log": np.log, "log2": np.log2, "log10": np.log10,
-        "log1p": np.log1p, "sqrt": np.sqrt, "rsqrt": lambda x: 1.0 / np.sqrt(x),
-        "sin": np.sin, "cos": np.cos, "floor": np.floor, "ceil": np.ceil,
-        "trunc": np.trunc, "nearbyint": np.rint, "rint": np.rint, "abs": np.abs,
-        "erf": np.vectorize(math.erf, otypes=[np.float64]),
-        "erfc": np.vectorize(math.erfc, otypes=[np.float64]),
-        "lgamma": np.vectorize(math.lgamma, otypes=[np.float64]),
-    }
-    binary = {"pow": np.power, "atan2": np.arctan2, "fmod": np.fmod, "hypot": np.hypot,
-              "copysign": np.copysign, "nextafter": np.nextafter}
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_flex_inductor_bfloat16", False):
+        return
+    original_dot, original_cast = builder.create_dot, builder.cast_impl
 
-    def wrap(np_fn, arity):
-        def fn(*args, **_kwargs):
-            tensors = [a for a in args[:arity] if isinstance(a, tl.core.tensor)]
-            like = tensors[0]
-            arrays = [a.handle.data if isinstance(a, tl.core.tensor) else a for a in args[:arity]]
-            data = np.asarray(np_fn(*arrays)).astype(like.handle.data.dtype)
-            return tl.core.tensor(TensorHandle(data, like.handle.dtype.scalar), like.type)
+    def to_float32(data):
+        return (data.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
-        return fn
+    def to_bfloat16_bits(data):
+        bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
+        # Round to nearest, ties to even: add 0x7FFF plus the lowest kept bit.
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+        out = (rounded >> np.uint32(16)).astype(np.uint16)
+        return np.where(np.isnan(data), np.uint16(0x7FC0), out)
 
-    for name, np_fn in unary.items():
-        if hasattr(libdevice, name):
-            setattr(libdevice, name, wrap(np_fn, 1))
-    for name, np_fn in binary.items():
-        if hasattr(libdevice, name):
-            setattr(libdevice, name, wrap(np_fn, 2))
+    def as_float32(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        return interpreter.TensorHandle(to_float32(handle.data), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original_dot(self, as_float32(a), as_float32(b), d, input_precision,
+                            max_num_imprecise_acc)
+
+    def cast_impl(self, src, dst_type):
+        src_type, dst = src.dtype.scalar, dst_type.scalar
+        if src_type == tl.bfloat16 and dst != tl.bfloat16:
+            return original_cast(self, as_float32(src), dst_type)
+        if dst == tl.bfloat16 and src_type != tl.bfloat16:
+            data = src.data.astype(np.float32)
+            return interpreter.TensorHandle(to_bfloat16_bits(data), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    builder.create_dot = create_dot
+    builder.cast_impl = cast_impl
+    builder._flex_inductor_bfloat16 = True
 
 
 def _patch_interpreter_libdevice() -> None:
@@ -405,8 +437,12 @@ def _patch_interpreter_libdevice() -> None:
     Inductor emits ``libdevice.tanh(x)`` (softcap), ``libdevice.pow``,
     ``libdevice.log1p``... On a GPU the compiler swaps the stub module
     ``triton.language.extra.libdevice`` for the backend's library; the
-    interpreter does not, and each stub returns None. Only functions with an
-    exact numpy counterpart are provided; the rest keep failing loudly.
+    interpreter does not, and each stub returns None. A mod such as a tanh
+    soft-cap must still run on CPU, so each function is mapped to the numpy
+    function of the same maths, applied to the interpreter's arrays (with
+    numpy broadcasting, and bool results for the ``is*`` predicates). Only
+    functions with an exact numpy counterpart are provided; the rest keep
+    failing loudly.
     """
     import math
 
@@ -417,7 +453,9 @@ def _patch_interpreter_libdevice() -> None:
 
     if getattr(libdevice, "_flex_inductor_numpy", False):
         return
-    erf = np.vectorize(math.erf)
+    def vectorized(fn):
+        return np.vectorize(fn, otypes=[np.float64])
+
     same_dtype = {
         "abs": np.abs, "ceil": np.ceil, "floor": np.floor, "trunc": np.trunc,
         "rint": np.rint, "nearbyint": np.rint, "sqrt": np.sqrt, "exp": np.exp,
@@ -425,7 +463,8 @@ def _patch_interpreter_libdevice() -> None:
         "log10": np.log10, "log1p": np.log1p, "sin": np.sin, "cos": np.cos,
         "tan": np.tan, "asin": np.arcsin, "acos": np.arccos, "atan": np.arctan,
         "sinh": np.sinh, "cosh": np.cosh, "tanh": np.tanh, "asinh": np.arcsinh,
-        "acosh": np.arccosh, "atanh": np.arctanh, "erf": erf,
+        "acosh": np.arccosh, "atanh": np.arctanh, "erf": vectorized(math.erf),
+        "erfc": vectorized(math.erfc), "lgamma": vectorized(math.lgamma),
         "rsqrt": lambda x: 1.0 / np.sqrt(x), "pow": np.power, "atan2": np.arctan2,
         "fmod": np.fmod, "hypot": np.hypot, "copysign": np.copysign,
         "nextafter": np.nextafter,
@@ -501,6 +540,61 @@ def inductor_api() -> SimpleNamespace:
         realize_inputs=realize_inputs,
         PointwiseSubgraphLowering=PointwiseSubgraphLowering,
     )
+
+
+@contextlib.contextmanager
+def leaf_kernel():
+    """Run a custom op's Python body as a leaf kernel, unseen by outer dispatch modes.
+
+    AOT autograd runs a compiled graph's first call under a dispatch mode that
+    checks custom ops for aliasing. The dense ops' bodies evaluate the mods
+    with ``vmap``, and that mode breaks on batched tensors ("Cannot access
+    storage of BatchedTensorImpl"): while a mode handles an op, the
+    dispatcher excludes every key above Python, functorch's among them, so
+    ``vmap`` inside the body finds its batching keys switched off. A C++
+    kernel's inner work is invisible to such modes; this gives a Python body
+    the same standing: no outer modes, functorch's keys back on (autograd
+    and autocast keys stay as the caller left them).
+    """
+    from torch._C import DispatchKey
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for name in (
+        "FuncTorchDynamicLayerFrontMode",
+        "FuncTorchDynamicLayerBackMode",
+        "FuncTorchBatched",
+        "FuncTorchVmapMode",
+        "FuncTorchGradWrapper",
+        "PythonTLSSnapshot",
+        "Functionalize",
+        "Conjugate",
+        "Negative",
+        "ZeroTensor",
+        "PreDispatch",
+    ):
+        if hasattr(DispatchKey, name):
+            exclude = exclude.remove(getattr(DispatchKey, name))
+    with _disable_current_modes(), torch._C._ForceDispatchKeyGuard(include, exclude):
+        yield
+
+
+def size_hint(expr) -> int:
+    """A concrete value of a (possibly symbolic) size, for autotuning inputs.
+
+    torch 2.13 calls it ``optimization_hint``; torch 2.11 ``size_hint``.
+    """
+    sizevars = inductor_api().V.graph.sizevars
+    hint = getattr(sizevars, "optimization_hint", None) or sizevars.size_hint
+    return int(hint(expr))
+
+
+def run_and_get_code(fn, *args, **kwargs):
+    """Run ``fn``; return ``(result, sources)``: the code Inductor generated meanwhile."""
+    from torch._inductor.utils import run_and_get_code as run
+
+    return run(fn, *args, **kwargs)
 
 
 def subgraph_lowering_error() -> type[Exception]:

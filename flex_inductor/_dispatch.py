@@ -119,4 +119,6 @@ def templates_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 @functools.cache
 def _compiled_op_call():
-    return torch.compile(op_call, backend="inductor", fullgraph=True)
+    # dynamic=False: each new shape compiles kernels specialised to it, rather
+    # than one symbolic kernel after the first shape change.
+    return torch.compile(op_call, backend="inductor", fullgraph=True, dynamic=False)

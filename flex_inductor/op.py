@@ -24,7 +24,6 @@ and the dense implementation (the blockwise eager reference).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,11 +31,15 @@ import torch
 from . import _compat
 from ._registration import ensure_lowerings
 from ._subgraphs import (
+    MUTATION,
+    UntraceableModError,
     bind_buffers,
     build_joint_graph,
     index_placeholders,
+    mod_label,
     score_placeholders,
     trace_under_proxy_mode,
+    untraceable_message,
 )
 
 _api = _compat.hop_api()
@@ -243,14 +246,16 @@ def _forward_proxy(
     kernel_options, score_mod_buffers, mask_mod_buffers,
 ):
     ensure_lowerings()
-    score_graph = trace_under_proxy_mode(score_mod, [*score_placeholders(query), *score_mod_buffers])
-    _check_no_mutation(score_graph, "score_mod")
-    score_graph = _register_graph(mode, score_graph, "sdpa_score")
-    mask_graph = _register_graph(
-        mode,
-        trace_under_proxy_mode(mask_mod, [*index_placeholders(query), *mask_mod_buffers]),
-        "sdpa_mask",
+    score_graph = trace_under_proxy_mode(
+        score_mod, [*score_placeholders(query), *score_mod_buffers], "score_mod"
     )
+    _check_no_mutation(score_graph, "score_mod", score_mod)
+    score_graph = _register_graph(mode, score_graph, "sdpa_score")
+    mask_graph = trace_under_proxy_mode(
+        mask_mod, [*index_placeholders(query), *mask_mod_buffers], "mask_mod"
+    )
+    _check_no_mutation(mask_graph, "mask_mod", mask_mod)
+    mask_graph = _register_graph(mode, mask_graph, "sdpa_mask")
     args = (
         query, key, value, score_graph, mask_graph, list(block_mask), list(block_sizes),
         scale, kernel_options, list(score_mod_buffers), list(mask_mod_buffers),
@@ -266,7 +271,9 @@ def _backward_proxy(
 ):
     fw = _register_graph(
         mode,
-        trace_under_proxy_mode(fw_graph, [*score_placeholders(query), *score_mod_buffers]),
+        trace_under_proxy_mode(
+            fw_graph, [*score_placeholders(query), *score_mod_buffers], "score_mod"
+        ),
         "fw_graph",
     )
     joint_example = [
@@ -274,10 +281,14 @@ def _backward_proxy(
         score_placeholders(query)[0],
         *score_mod_buffers,
     ]
-    joint = _register_graph(mode, trace_under_proxy_mode(joint_graph, joint_example), "joint_graph")
+    joint = _register_graph(
+        mode, trace_under_proxy_mode(joint_graph, joint_example, None), "joint_graph"
+    )
     mask = _register_graph(
         mode,
-        trace_under_proxy_mode(mask_mod, [*index_placeholders(query), *mask_mod_buffers]),
+        trace_under_proxy_mode(
+            mask_mod, [*index_placeholders(query), *mask_mod_buffers], "mask_mod"
+        ),
         "mask_graph",
     )
     args = (
@@ -294,13 +305,16 @@ def _backward_proxy(
 # --------------------------------------------------------------------------
 
 
-def _check_no_mutation(graph: torch.fx.GraphModule, what: str) -> None:
-    """Mods must be pure: a mutation of a captured tensor would be lost."""
+def _check_no_mutation(graph: torch.fx.GraphModule, what: str, mod: Any) -> None:
+    """Mods must be pure: a mutation of a captured tensor would be lost.
+
+    :class:`ModTracingMode` already rejects in-place calls it sees; this
+    catches what only shows at the aten level.
+    """
     for node in graph.graph.nodes:
         if node.op == "call_function" and _compat.is_mutable_overload(node.target):
-            raise RuntimeError(
-                f"{what} mutates a tensor in place ({node.target}); flex_inductor mods must "
-                "be pure functions of their inputs and captured tensors."
+            raise UntraceableModError(
+                untraceable_message(what, mod_label(mod), MUTATION, op=str(node.target))
             )
 
 
@@ -423,7 +437,9 @@ def _forward_autograd(
 
 
 def _not_differentiable_twice(*args: Any, **kwargs: Any):
-    raise RuntimeError("flex_inductor_attention_backward is not differentiable (no double backward)")
+    raise RuntimeError(
+        "flex_inductor_attention_backward is not differentiable (no double backward)"
+    )
 
 
 flex_inductor_attention_backward.py_autograd_impl(_not_differentiable_twice)
