@@ -14,6 +14,7 @@ import pickle
 
 import torch
 
+from . import _compat
 from .op import flex_inductor_attention
 
 
@@ -42,10 +43,11 @@ def dense_attention(
     mask_mod_buffers: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward attention by the blockwise reference (memory bounded by a chunk)."""
-    out, lse = flex_inductor_attention(
-        query, key, value, decode_graph(score_mod), decode_graph(mask_mod), block_mask,
-        block_sizes, scale, {}, score_mod_buffers, mask_mod_buffers,
-    )
+    with _compat.leaf_kernel():
+        out, lse = flex_inductor_attention(
+            query, key, value, decode_graph(score_mod), decode_graph(mask_mod), block_mask,
+            block_sizes, scale, {}, score_mod_buffers, mask_mod_buffers,
+        )
     return out, lse
 
 
@@ -92,9 +94,11 @@ def dense_attention_backward(
     buffers = [
         b.detach().requires_grad_(need) for b, need in zip(score_mod_buffers, buffer_needs_grad)
     ]
-    dq, dk, dv, grads = reference_backward(
-        query, key, value, out, lse, grad_out, grad_lse, decode_graph(fw_graph), bm, scale, buffers
-    )
+    with _compat.leaf_kernel():
+        dq, dk, dv, grads = reference_backward(
+            query, key, value, out, lse, grad_out, grad_lse, decode_graph(fw_graph), bm, scale,
+            buffers,
+        )
     empty = query.new_empty(0)
     return [dq, dk, dv, *[empty if g is None else g for g in grads]]
 

@@ -8,6 +8,7 @@ tested against.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -55,24 +56,35 @@ def reference_backward(
     S = key.shape[2]
     chunk = _chunk_size or max(1, _CHUNK_ELEMENTS // (B * Hq * S))
     needs = [b.requires_grad for b in score_mod_buffers]
+    # Sums over chunks are kept in float32 (float64 for float64 inputs).
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     dq = torch.zeros_like(query)
-    dk = torch.zeros_like(key, dtype=torch.float32 if key.dtype != torch.float64 else key.dtype)
-    dv = torch.zeros_like(value, dtype=dk.dtype)
-    grads = [torch.zeros_like(b) if need else None for b, need in zip(score_mod_buffers, needs)]
-    with torch.enable_grad(), _compat.autograd_reenabled():
+    dk = torch.zeros_like(key, dtype=acc)
+    dv = torch.zeros_like(value, dtype=acc)
+    grads = [
+        torch.zeros_like(b, dtype=acc) if need else None
+        for b, need in zip(score_mod_buffers, needs, strict=True)
+    ]
+    with torch.enable_grad(), _compat.autograd_reenabled(), _deterministic_algorithms():
         q = query.detach().requires_grad_(True)
         k = key.detach().requires_grad_(True)
         v = value.detach().requires_grad_(True)
-        buffers = [b.detach().requires_grad_(need) for b, need in zip(score_mod_buffers, needs)]
+        buffers = [
+            b.detach().requires_grad_(need)
+            for b, need in zip(score_mod_buffers, needs, strict=True)
+        ]
         mod = bind_buffers(score_mod, buffers)
-        wrt = [q, k, v, *[b for b, need in zip(buffers, needs) if need]]
+        wrt = [q, k, v, *[b for b, need in zip(buffers, needs, strict=True) if need]]
         for start in range(0, L, chunk):
             stop = min(start + chunk, L)
             out_c, lse_c = reference_chunk(q, k, v, mod, block_mask, scale, start, stop)
             got = torch.autograd.grad(
                 (out_c, lse_c),
                 wrt,
-                (grad_out[:, :, start:stop].to(out_c.dtype), grad_lse[:, :, start:stop].to(lse_c.dtype)),
+                (
+                    grad_out[:, :, start:stop].to(out_c.dtype),
+                    grad_lse[:, :, start:stop].to(lse_c.dtype),
+                ),
                 allow_unused=True,
             )
             g_q, g_k, g_v, *g_bufs = got
@@ -88,4 +100,31 @@ def reference_backward(
                     g = next(it)
                     if g is not None:
                         grads[i] += g
+    grads = [
+        None if g is None else g.to(b.dtype)
+        for g, b in zip(grads, score_mod_buffers, strict=True)
+    ]
     return dq, dk.to(key.dtype), dv.to(value.dtype), grads
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms():
+    """Run the body with deterministic algorithms, whatever the caller asked.
+
+    The gradient of an indexed captured tensor (``bias[h, q_idx - kv_idx]``)
+    is an accumulating ``index_put_``, which uses atomic adds on CUDA unless
+    deterministic algorithms are on. The compiled backward falls back to this
+    function precisely when ``kernel_options={"DETERMINISTIC": True}`` asks for
+    reproducible gradients, so they are always on here. ``warn_only``: ops
+    that have no deterministic variant (cuBLAS without
+    ``CUBLAS_WORKSPACE_CONFIG``) warn instead of failing, as under the user's
+    own ``torch.use_deterministic_algorithms(True, warn_only=True)``.
+    """
+    if torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)

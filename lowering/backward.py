@@ -2,10 +2,16 @@
 
 Reads top to bottom: fall back to the blockwise dense backward where the
 templates cannot run (CPU without the interpreter, float64, deterministic
-mode, captured-tensor gradients that are not plain scatters); compute
-``delta = rowsum(dO * O) - dlse`` with Inductor's own reduction; lower the
-mods and the joint graph; then one dK/dV template (which also scatters the
-captured-tensor gradients) and one dQ template, each autotuned.
+mode with captured-tensor gradients, captured-tensor gradients that are not
+plain scatters, mods that cannot be inlined, BlockMask blocks no tile
+divides); pick the config; lower the mods and the joint graph; compute
+``delta = rowsum(dO * O) - dlse`` with Inductor's own reduction; then one
+dK/dV template (which also scatters the captured-tensor gradients) and one
+dQ template.
+
+The templates are deterministic (dk and dv are summed over GQA groups in
+registers, in a fixed order) except for the scatter's atomic adds, so
+deterministic mode keeps them unless a captured tensor needs a gradient.
 """
 
 from __future__ import annotations
@@ -19,13 +25,16 @@ from flex_inductor import _compat
 from . import backward_configs as configs
 from .common import (
     block_mask_input_gen_fns,
-    static_int,
+    declare_subgraph_symbols,
     device_can_use_templates,
     fixed_inputs,
     float32_precision,
+    is_symbolic_scalar,
     lower_mask_mod,
     lower_score_mod,
     rounded_head_dim,
+    static_float,
+    static_int,
 )
 from .fallback import dense_backward_fallback
 from .scatter import UnsupportedScatter, collect_gradient_buffers
@@ -45,39 +54,88 @@ def lower_backward(
         query, key, value, out, lse, grad_out, grad_lse, fw_graph, joint_graph, mask_mod,
         block_mask, block_sizes, scale, kernel_options, score_mod_buffers, mask_mod_buffers,
     )
-    reason = _why_dense(query, kernel_options)
+    reason = _why_dense(query, kernel_options, joint_graph)
     if reason is None:
         try:
             return _lower_with_templates(*args)
-        except UnsupportedScatter as error:
+        except (UnsupportedScatter, UnsupportedConfig) as error:
             reason = str(error)
+        except _compat.subgraph_lowering_error() as error:
+            # A mod that is not pointwise (``table[q_idx].sum()`` reduces)
+            # cannot be inlined; the forward fell back for the same reason.
+            reason = f"a mod cannot be inlined ({str(error).splitlines()[0]})"
     log.info("flex_inductor_bwd: blockwise dense backward (%s)", reason)
     return dense_backward_fallback(*args)
 
 
-def _why_dense(query, kernel_options) -> str | None:
+class UnsupportedConfig(Exception):
+    """No backward tiling fits this BlockMask (use the dense backward)."""
+
+
+def _why_dense(query, kernel_options, joint_graph) -> str | None:
     if not device_can_use_templates(query):
         return f"no Triton template for {query.get_device()} {query.get_dtype()}"
-    if kernel_options.get("DETERMINISTIC") or torch.are_deterministic_algorithms_enabled():
-        # Atomic adds of captured-tensor gradients are order-dependent; the
-        # dense backward reduces them deterministically.
-        return "deterministic algorithms requested"
+    deterministic = (
+        kernel_options.get("DETERMINISTIC") or torch.are_deterministic_algorithms_enabled()
+    )
+    if deterministic and any(g is not None for g in _buffer_gradients(joint_graph)):
+        # The templates are deterministic except for the atomic adds that
+        # scatter captured-tensor gradients, whose order varies from run to
+        # run; the dense backward reduces those in a fixed order.
+        return "deterministic algorithms requested with captured-tensor gradients"
     return None
+
+
+def _buffer_gradients(joint_graph) -> list:
+    """The joint graph's outputs after the score gradient: ``None`` where no gradient flows."""
+    output = next(n for n in joint_graph.graph_module.graph.nodes if n.op == "output")
+    values = output.args[0]
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    return values[1:]
 
 
 def _lower_with_templates(
     query, key, value, out, lse, grad_out, grad_lse, fw_graph, joint_graph, mask_mod,
     block_mask, block_sizes, scale, kernel_options, score_mod_buffers, mask_mod_buffers,
 ):
-    ir, V, lowerings = _ind.ir, _ind.V, _ind.lowerings
+    ir, lowerings = _ind.ir, _ind.lowerings
     aten = torch.ops.aten
     device = query.get_device()
     dtype = query.get_dtype()
     B, Hq, L, E = query.get_size()
     _, Hkv, S, _ = key.get_size()
     Ev = value.get_size()[-1]
-    _, _, q_block, kv_block = block_sizes
+    # Sparse block sizes are loop strides and tile divisors: always static.
+    q_block, kv_block = static_int(block_sizes[2]), static_int(block_sizes[3])
     has_full = block_mask[2] is not None
+    options = dict(kernel_options)
+    config = configs.backward_config(static_int(E), dtype, device, options, q_block, kv_block)
+    if not configs.fits_block_mask(config, q_block, kv_block):
+        # Block sizes below the smallest tile (tl.dot needs 16): the kernels
+        # step whole sparse blocks, so they cannot walk this mask.
+        raise UnsupportedConfig(
+            f"BlockMask block sizes ({q_block}, {kv_block}) are not multiples of the "
+            f"smallest backward tile ({config})"
+        )
+
+    # The mods first: a mod that cannot be inlined raises here, before delta
+    # and the gradient buffers exist, and the dense backward takes over.
+    score_buffers = fixed_inputs(*score_mod_buffers)
+    mask_buffers = fixed_inputs(*mask_mod_buffers)
+    score_sub = lower_score_mod(fw_graph, score_buffers, device)
+    mask_sub = lower_mask_mod(mask_mod, mask_buffers, device)
+    names = [
+        (n, torch.float32 if n in ("score", "grad_score_mod") else torch.int32)
+        for n in JOINT_ARGS
+    ]
+    with collect_gradient_buffers() as grad_buffers:
+        joint_outputs = lower_mod(
+            joint_graph.graph_module, names, score_buffers, device, allow_scatter=True
+        )
+    grad_score_sub, buffer_grads = joint_outputs[0], joint_outputs[1:]
+    scatters = [g for g in buffer_grads if g is not None]
+    if any(not isinstance(g.data, ir.Scatter) for g in scatters):
+        raise UnsupportedScatter("a captured-tensor gradient that is not a plain scatter")
 
     # delta = rowsum(dO * O) - dlse, by Inductor's own fused reduction. The
     # dlse term folds the gradient of the lse output into the softmax's.
@@ -90,22 +148,9 @@ def _lower_with_templates(
         lowerings[torch.ops.prims.convert_element_type.default](grad_lse, torch.float32),
     )
     query, key, value, lse, delta, grad_out = fixed_inputs(query, key, value, lse, delta, grad_out)
-    score_buffers = fixed_inputs(*score_mod_buffers)
-    mask_buffers = fixed_inputs(*mask_mod_buffers)
+    # Symbolic scalars a mod reads are kernel arguments, not input buffers.
+    buffers = [b for b in (*score_buffers, *mask_buffers) if not is_symbolic_scalar(b)]
 
-    score_sub = lower_score_mod(fw_graph, score_buffers, device)
-    mask_sub = lower_mask_mod(mask_mod, mask_buffers, device)
-    names = [(n, torch.float32 if n in ("score", "grad_score_mod") else torch.int32) for n in JOINT_ARGS]
-    with collect_gradient_buffers() as grad_buffers:
-        joint_outputs = lower_mod(
-            joint_graph.graph_module, names, score_buffers, device, allow_scatter=True
-        )
-    grad_score_sub, buffer_grads = joint_outputs[0], joint_outputs[1:]
-    scatters = [g for g in buffer_grads if g is not None]
-    if any(not isinstance(g.data, ir.Scatter) for g in scatters):
-        raise UnsupportedScatter("a captured-tensor gradient that is not a plain scatter")
-
-    options = dict(kernel_options)
     constexprs = dict(
         QK_HEAD_DIM=static_int(E),
         QK_HEAD_DIM_ROUNDED=rounded_head_dim(E),
@@ -113,18 +158,11 @@ def _lower_with_templates(
         V_HEAD_DIM_ROUNDED=rounded_head_dim(Ev),
         SPARSE_Q_BLOCK_SIZE=q_block,
         SPARSE_KV_BLOCK_SIZE=kv_block,
-        GQA_SHARED_HEADS=V.graph.sizevars.guard_int(Hq) // V.graph.sizevars.guard_int(Hkv),
-        SM_SCALE=float(scale),
+        GQA_SHARED_HEADS=static_int(Hq) // static_int(Hkv),
+        SM_SCALE=static_float(scale),
         HAS_FULL_BLOCKS=has_full,
         FLOAT32_PRECISION=float32_precision(),
     )
-    config = configs.backward_config(int(V.graph.sizevars.guard_int(E)), dtype, device, options)
-    if any(k in options for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")) or any(
-        k.startswith("bwd_BLOCK") for k in options
-    ):
-        configs.check_backward_fits(config, q_block, kv_block)
-    else:
-        config = configs.shrink_to_fit(config, q_block, kv_block)
 
     # dK and dV (and the captured-tensor gradients).
     grad_value = _ind.empty_strided([B, Hkv, S, Ev], None, dtype=value.get_dtype(), device=device)
@@ -135,8 +173,9 @@ def _lower_with_templates(
         full_q_num_blocks if has_full else q_num_blocks,
         full_q_indices if has_full else q_indices,
     )
+    dk_size = [B, Hkv, S, E]
     dk_layout = ir.FixedLayout(
-        device, key.get_dtype(), [B, Hkv, S, E], ir.FlexibleLayout.contiguous_strides([B, Hkv, S, E])
+        device, key.get_dtype(), dk_size, ir.FlexibleLayout.contiguous_strides(dk_size)
     )
     dkdv_inputs = [query, key, value, lse, delta, grad_out, grad_value, *q_sparse]
     choices: list = []
@@ -160,7 +199,7 @@ def _lower_with_templates(
     grad_key = _compat.select_algorithm(
         "flex_inductor_bwd_dkdv",
         choices,
-        [*dkdv_inputs, *grad_buffers, *score_buffers, *mask_buffers],
+        [*dkdv_inputs, *grad_buffers, *buffers],
         dk_layout,
         input_gen_fns=block_mask_input_gen_fns(first_index=7, kv_len=L, kv_block=q_block),
     )
@@ -202,19 +241,28 @@ def _lower_with_templates(
     grad_query = _compat.select_algorithm(
         "flex_inductor_bwd_dq",
         choices,
-        [*dq_inputs, *score_buffers, *mask_buffers],
+        [*dq_inputs, *buffers],
         dq_layout,
         input_gen_fns=block_mask_input_gen_fns(first_index=6, kv_len=S, kv_block=kv_block),
     )
 
-    # Each scatter writes into the zero-filled buffer of the same name.
+    # Symbols the mods read (sizes of captured tensors) must be defined
+    # before the kernels run: the scheduler learns of them here.
+    declare_subgraph_symbols(grad_key, [*score_buffers, *mask_buffers], [score_sub, mask_sub])
+    declare_subgraph_symbols(grad_query, [*score_buffers, *mask_buffers], [score_sub, mask_sub])
+
+    # Each scatter writes into the zero-filled float32 buffer of the same
+    # name; a float32 captured tensor takes it as is (a conversion would copy).
     by_name = {g.get_name(): g for g in grad_buffers}
-    grads = [
-        None
-        if grad is None
-        else lowerings[torch.ops.prims.convert_element_type.default](
-            by_name[grad.get_name()], buffer.get_dtype()
-        )
-        for buffer, grad in zip(score_buffers, buffer_grads)
-    ]
+    grads = []
+    for buffer, grad in zip(score_buffers, buffer_grads, strict=True):
+        if grad is None:
+            grads.append(None)
+            continue
+        summed = by_name[grad.get_name()]
+        if buffer.get_dtype() != torch.float32:
+            summed = lowerings[torch.ops.prims.convert_element_type.default](
+                summed, buffer.get_dtype()
+            )
+        grads.append(summed)
     return grad_query, grad_key, grad_value, grads

@@ -38,8 +38,30 @@ INTERPRETER = BackwardConfig(16, 16, 16, 16, 1, 1)
 _FIELDS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "num_warps", "num_stages")
 
 
-def backward_config(head_dim: int, dtype: torch.dtype, device: torch.device, options: dict):
-    """The default backward config for this shape, with ``kernel_options`` applied."""
+def backward_config(
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    options: dict,
+    q_block: int,
+    kv_block: int,
+) -> BackwardConfig:
+    """The backward config for this shape: the default table, fitted, then ``kernel_options``.
+
+    Default tiles are halved until they divide the BlockMask's block sizes;
+    tiles the user pins are checked instead (:func:`check_backward_fits`).
+
+    Args:
+        head_dim: The query/key head dim.
+        dtype: The inputs' dtype.
+        device: The inputs' device.
+        options: ``kernel_options``; ``bwd_``-prefixed keys win over plain ones.
+        q_block: The BlockMask's query block size.
+        kv_block: The BlockMask's kv block size.
+
+    Raises:
+        ValueError: A pinned tile does not divide its block size.
+    """
     if device.type != "cuda":
         config = INTERPRETER
     else:
@@ -56,26 +78,63 @@ def backward_config(head_dim: int, dtype: torch.dtype, device: torch.device, opt
                 BLOCK_M2=max(16, config.BLOCK_M2 // 2),
                 BLOCK_N2=max(16, config.BLOCK_N2 // 2),
             )
+    config = shrink_to_fit(config, q_block, kv_block)
     overrides = {}
     for field in _FIELDS:
         value = options.get(f"bwd_{field}", options.get(field))
         if value is not None:
             overrides[field] = int(value)
-    return replace(config, **overrides)
+    config = replace(config, **overrides)
+    check_backward_fits(config, q_block, kv_block, options, pinned=overrides)
+    return config
 
 
-def check_backward_fits(config: BackwardConfig, q_block: int, kv_block: int) -> None:
-    """Tiles must divide the BlockMask's blocks; say which option is off if not."""
-    pairs = (
-        ("BLOCK_M1", config.BLOCK_M1, q_block),
-        ("BLOCK_N1", config.BLOCK_N1, kv_block),
-        ("BLOCK_M2", config.BLOCK_M2, q_block),
-        ("BLOCK_N2", config.BLOCK_N2, kv_block),
+def fits_block_mask(config: BackwardConfig, q_block: int, kv_block: int) -> bool:
+    """Whether every tile divides its BlockMask block size (the loops step whole blocks)."""
+    return not (
+        q_block % config.BLOCK_M1
+        or kv_block % config.BLOCK_N1
+        or q_block % config.BLOCK_M2
+        or kv_block % config.BLOCK_N2
     )
-    for name, tile, block in pairs:
+
+
+def check_backward_fits(
+    config: BackwardConfig,
+    q_block: int,
+    kv_block: int,
+    options: dict | None = None,
+    pinned=None,
+) -> None:
+    """Tiles must divide the BlockMask's blocks; say which option is off if not.
+
+    Args:
+        config: The backward config, ``kernel_options`` applied.
+        q_block: The BlockMask's query block size.
+        kv_block: The BlockMask's kv block size.
+        options: The ``kernel_options``, to name the key the user wrote
+            (``bwd_BLOCK_M1`` or ``BLOCK_M1``).
+        pinned: Check only these tile names (default: all four).
+
+    Raises:
+        ValueError: A tile does not divide its block size.
+    """
+    options = options or {}
+    pairs = (
+        ("BLOCK_M1", config.BLOCK_M1, q_block, "Q"),
+        ("BLOCK_N1", config.BLOCK_N1, kv_block, "KV"),
+        ("BLOCK_M2", config.BLOCK_M2, q_block, "Q"),
+        ("BLOCK_N2", config.BLOCK_N2, kv_block, "KV"),
+    )
+    for name, tile, block, which in pairs:
+        if pinned is not None and name not in pinned:
+            continue
         if block % tile:
+            key = f"bwd_{name}" if f"bwd_{name}" in options else name
             raise ValueError(
-                f"kernel_options: {name}={tile} must divide the BlockMask's block size {block}"
+                f"`kernel_options[{key!r}]` = {tile} must divide the BlockMask's {which} block "
+                f"size {block}; pick a divisor of {block} or build the BlockMask with a "
+                f"BLOCK_SIZE that {tile} divides"
             )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import sympy
 import torch
 
@@ -83,11 +85,11 @@ def block_mask_input_gen_fns(first_index: int, kv_len, kv_block: int) -> dict:
     """
 
     def hints(node):
-        return [int(s) for s in _ind.V.graph.sizevars.size_hints(node.get_size())]
+        return [_compat.size_hint(s) for s in node.get_size()]
 
     def num_blocks(node):
         sizes = hints(node)
-        n_kv = -(-int(_ind.V.graph.sizevars.size_hint(kv_len)) // kv_block)
+        n_kv = -(-_compat.size_hint(kv_len) // kv_block)
         return torch.full(sizes, n_kv, dtype=torch.int32, device=node.get_device())
 
     def indices(node):
@@ -106,11 +108,6 @@ def block_mask_input_gen_fns(first_index: int, kv_len, kv_block: int) -> dict:
 def static_int(size) -> int:
     """A size the kernel needs as a constexpr (head dims): specialised and guarded."""
     return int(_ind.V.graph.sizevars.guard_int(size))
-
-
-def static_int(size) -> int:
-    """A size as a Python int, specialising (and guarding) a symbolic one."""
-    return size if isinstance(size, int) else int(_ind.V.graph.sizevars.guard_int(size))
 
 
 def static_float(value) -> float:
@@ -153,3 +150,20 @@ def declare_subgraph_symbols(out, subgraph_inputs, subgraph_outputs) -> None:
     if hasattr(node, "subgraph_inps"):
         node.subgraph_inps = list(subgraph_inputs)
         node.subgraph_outs = [o for o in subgraph_outputs if not isinstance(o, (list, tuple))]
+
+
+def output_is_used(index: int) -> bool:
+    """Whether output ``index`` of the op being lowered is read by anything.
+
+    Conservative: True unless every user of the op node is a ``getitem`` and
+    none of those reading ``index`` has a user (a graph output counts).
+    """
+    node = _ind.V.graph.current_node
+    if node is None:
+        return True
+    for user in node.users:
+        if user.target is not operator.getitem:
+            return True
+        if user.args[1] == index and user.users:
+            return True
+    return False

@@ -1,14 +1,21 @@
 """Inductor lowering of ``flex_inductor_attention`` to the forward template.
 
 Reads top to bottom: check the inputs can use the Triton template (else fall
-back to the blockwise dense kernel), lower the two mods to inlinable IR,
-allocate ``out`` and ``lse``, append one template choice per config, and let
-Inductor's autotuner pick.
+back to the blockwise dense kernel; short queries go to the decode
+template), pick the candidate configs, lower the two mods to inlinable IR,
+allocate ``out`` and ``lse``, append one template choice per config, let
+Inductor's autotuner pick, and log the config that won.
+
+Two cases still run the blockwise dense kernel, correctly and
+memory-bounded, with a warning: a BlockMask whose blocks no tile divides
+(not multiples of 16), and a mod that is not pointwise (it cannot be
+inlined).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -17,15 +24,22 @@ from flex_inductor import _compat
 from . import configs
 from .common import (
     block_mask_input_gen_fns,
+    declare_subgraph_symbols,
+    describe_config,
     device_can_use_templates,
-    float32_precision,
     fixed_inputs,
+    float32_precision,
     interpret_mode,
+    is_symbolic_scalar,
     lower_mask_mod,
     lower_score_mod,
+    output_is_used,
     rounded_head_dim,
     sizes_are_static_multiple,
+    static_float,
+    static_int,
 )
+from .decode import decode_eligible, lower_decode
 from .templates import forward_template
 
 log = logging.getLogger("flex_inductor")
@@ -39,21 +53,39 @@ def lower_forward(
     """The lowering registered for the forward op; returns ``(out, lse)``."""
     from .fallback import dense_forward_fallback
 
+    fallback_args = (
+        query, key, value, score_mod, mask_mod, block_mask, block_sizes, scale,
+        kernel_options, score_mod_buffers, mask_mod_buffers,
+    )
     if not device_can_use_templates(query):
-        return dense_forward_fallback(
-            query, key, value, score_mod, mask_mod, block_mask, block_sizes, scale,
-            kernel_options, score_mod_buffers, mask_mod_buffers,
-        )
-    ir, V = _ind.ir, _ind.V
+        return dense_forward_fallback(*fallback_args)
+    if decode_eligible(query, key, block_mask, block_sizes, kernel_options):
+        return lower_decode(*fallback_args)
+    ir = _ind.ir
     _compat.tag_kernel_name("flex_inductor_fwd")
     device = query.get_device()
     dtype = query.get_dtype()
-    B, Hq, L, E = query.get_size()
+    B, Hq, L, _ = query.get_size()
     _, Hkv, S, _ = key.get_size()
-    Ev = value.get_size()[-1]
-    _, _, q_block, kv_block = block_sizes
+    # Head dims size registers and tl.arange: they are specialised even when
+    # the sequence lengths are dynamic.
+    E, Ev = static_int(query.get_size()[-1]), static_int(value.get_size()[-1])
+    # Sparse block sizes are loop strides and tile divisors: always static.
+    q_block, kv_block = static_int(block_sizes[2]), static_int(block_sizes[3])
     kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices = block_mask[:4]
     has_full = full_kv_num_blocks is not None
+    options = dict(kernel_options)
+    candidates = _candidate_configs(E, dtype, device, options, q_block, kv_block)
+    if not candidates:
+        # Tiles step through whole sparse blocks and tl.dot needs 16 rows, so
+        # a BlockMask whose blocks are not multiples of 16 (8, 24...) cannot
+        # be walked; the dense kernel reads the same BlockMask correctly.
+        log.warning(
+            "flex_inductor_fwd: BlockMask block sizes (%d, %d) are not multiples of 16, the "
+            "smallest kernel tile; using the blockwise dense kernel",
+            q_block, kv_block,
+        )
+        return dense_forward_fallback(*fallback_args)
 
     query, key, value = fixed_inputs(query, key, value)
     sparse = fixed_inputs(
@@ -63,36 +95,53 @@ def lower_forward(
     )
     score_buffers = fixed_inputs(*score_mod_buffers)
     mask_buffers = fixed_inputs(*mask_mod_buffers)
-    score_sub = lower_score_mod(score_mod, score_buffers, device)
-    mask_sub = lower_mask_mod(mask_mod, mask_buffers, device)
+    try:
+        score_sub = lower_score_mod(score_mod, score_buffers, device)
+        mask_sub = lower_mask_mod(mask_mod, mask_buffers, device)
+    except _compat.subgraph_lowering_error() as error:
+        # A mod that is not pointwise (``table[q_idx].sum()`` reduces) cannot
+        # be inlined into the kernel; the blockwise dense kernel still runs
+        # it, correctly and memory-bounded, only slower.
+        log.warning(
+            "flex_inductor_fwd: a mod cannot be inlined into the Triton kernel (%s); "
+            "using the blockwise dense kernel",
+            str(error).splitlines()[0],
+        )
+        return dense_forward_fallback(*fallback_args)
 
     out_layout = ir.FixedLayout(
         device, dtype, [B, Hq, L, Ev], ir.FlexibleLayout.contiguous_strides([B, Hq, L, Ev])
     )
     lse = _ind.empty_strided([B, Hq, L], None, dtype=torch.float32, device=device)
     lse.realize()
-    options = dict(kernel_options)
+    # OUTPUT_LOGSUMEXP=False is a promise that lse is not needed; if lse is
+    # read after all (return_lse, or saved for the backward), an unwritten
+    # buffer would be garbage, so the promise is checked against the graph.
+    write_lse = bool(options.get("OUTPUT_LOGSUMEXP", True)) or output_is_used(1)
     constexprs = dict(
-        QK_HEAD_DIM=E,
+        QK_HEAD_DIM=static_int(E),
         QK_HEAD_DIM_ROUNDED=rounded_head_dim(E),
-        V_HEAD_DIM=Ev,
+        V_HEAD_DIM=static_int(Ev),
         V_HEAD_DIM_ROUNDED=rounded_head_dim(Ev),
         SPARSE_Q_BLOCK_SIZE=q_block,
         SPARSE_KV_BLOCK_SIZE=kv_block,
-        GQA_SHARED_HEADS=V.graph.sizevars.guard_int(Hq) // V.graph.sizevars.guard_int(Hkv),
-        SM_SCALE=float(scale),
+        GQA_SHARED_HEADS=static_int(Hq) // static_int(Hkv),
+        SM_SCALE=static_float(scale),
         HAS_FULL_BLOCKS=has_full,
         PRESCALE_QK=bool(options.get("PRESCALE_QK", False)),
         ROWS_GUARANTEED_SAFE=bool(options.get("ROWS_GUARANTEED_SAFE", False)),
-        OUTPUT_LOGSUMEXP=bool(options.get("OUTPUT_LOGSUMEXP", True)),
+        OUTPUT_LOGSUMEXP=write_lse,
         FLOAT32_PRECISION=float32_precision(),
     )
     input_nodes = [query, key, value, lse, *sparse]
     choices: list = []
-    for config in _candidate_configs(E, dtype, device, options, q_block, kv_block):
-        # Bounds checks can go when every tile is whole.
+    configs_of_choices: list = []
+    for config in candidates:
+        # Bounds checks can go when every tile is whole. The kv loop walks
+        # whole sparse blocks, so S must fill its last sparse block, not only
+        # its last BLOCK_N tile (S=64 under a 128-wide block reads past S).
         divisible = sizes_are_static_multiple(L, config.BLOCK_M) and sizes_are_static_multiple(
-            S, config.BLOCK_N
+            S, kv_block
         )
         error = forward_template().maybe_append_choice(
             choices,
@@ -110,25 +159,56 @@ def lower_forward(
         )
         if error is not None:
             log.debug("flex_inductor_fwd config %s rejected: %s", config, error)
+        else:
+            configs_of_choices.append(config)
     if not choices:
         raise RuntimeError("flex_inductor: no forward kernel config could be generated")
-    log.info(
-        "flex_inductor_fwd: %d candidate config(s) for B=%s Hq=%s L=%s S=%s E=%s Ev=%s %s",
-        len(choices), B, Hq, L, S, E, Ev, dtype,
-    )
-    out = _compat.select_algorithm(
+    shape = f"B={B} Hq={Hq} Hkv={Hkv} L={L} S={S} E={E} Ev={Ev} {dtype}"
+    if len(choices) > 1:
+        log.info(
+            "flex_inductor_fwd: autotuning %d configs for %s: %s",
+            len(choices), shape, ", ".join(describe_config(c) for c in configs_of_choices),
+        )
+    started = time.perf_counter()
+    buffers = [b for b in (*score_buffers, *mask_buffers) if not is_symbolic_scalar(b)]
+    out, choice = _compat.select_algorithm(
         "flex_inductor_fwd",
         choices,
-        [*input_nodes, *score_buffers, *mask_buffers],
+        [*input_nodes, *buffers],
         out_layout,
         input_gen_fns=block_mask_input_gen_fns(first_index=4, kv_len=S, kv_block=kv_block),
+        return_choice=True,
+    )
+    chosen = _chosen_config(choice, choices, configs_of_choices)
+    if len(choices) > 1:
+        log.info(
+            "flex_inductor_fwd: autotuning took %.1f s; chose %s for %s",
+            time.perf_counter() - started, describe_config(chosen), shape,
+        )
+    else:
+        log.info("flex_inductor_fwd: %s for %s", describe_config(chosen), shape)
+    # Symbols the mods read (sizes of captured tensors, dynamic floats) must be
+    # defined before the kernel runs: the scheduler learns of them here.
+    declare_subgraph_symbols(
+        out, [*score_buffers, *mask_buffers], [score_sub, mask_sub]
     )
     return out, lse
 
 
+def _chosen_config(choice, choices, configs_of_choices):
+    """The config of the choice the autotuner picked (None if unknown)."""
+    for candidate, config in zip(choices, configs_of_choices, strict=False):
+        if candidate is choice:
+            return config
+    return None
+
+
 def _candidate_configs(head_dim, dtype, device, options, q_block, kv_block):
-    """The default config, or every autotuning candidate under max-autotune."""
-    head_dim = _compat_int(head_dim)
+    """The default config, or every autotuning candidate under max-autotune.
+
+    Empty when no tile fits the BlockMask's block sizes; a ValueError when
+    the user pinned tiles that do not divide them.
+    """
     default = configs.default_forward_config(head_dim, dtype, device)
     if configs.has_config_override(options, "fwd_"):
         candidates = [configs.apply_overrides(default, options, "fwd_")]
@@ -139,13 +219,16 @@ def _candidate_configs(head_dim, dtype, device, options, q_block, kv_block):
                 f"({q_block}, {kv_block})"
             )
         return candidates
-    if _compat.inductor_config().max_autotune and device.type == "cuda" and not interpret_mode():
-        candidates = [c for c in configs.FORWARD_AUTOTUNE if configs.fits_block_mask(c, q_block, kv_block)]
+    if _compat.inductor_config().max_autotune:
+        pool = (
+            configs.INTERPRETER_AUTOTUNE
+            if device.type != "cuda" or interpret_mode()
+            else configs.FORWARD_AUTOTUNE
+        )
+        candidates = [c for c in pool if configs.fits_block_mask(c, q_block, kv_block)]
         if candidates:
             return candidates
-    return [configs.shrink_to_fit(default, q_block, kv_block)]
+    fitted = configs.shrink_to_fit(default, q_block, kv_block)
+    return [fitted] if configs.fits_block_mask(fitted, q_block, kv_block) else []
 
-
-def _compat_int(x) -> int:
-    return int(_ind.V.graph.sizevars.guard_int(x)) if not isinstance(x, int) else x
 

@@ -61,7 +61,7 @@ def zeros_and_scatter_lowering(shape, indices, values):
         # turns them into an offset with the buffer's strides.
         return [
             ops.indirect_indexing(loader(()), size, check=False)
-            for loader, size in zip(index_loaders, shape)
+            for loader, size in zip(index_loaders, shape, strict=True)
         ]
 
     def inner_fn(_index):

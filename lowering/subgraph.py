@@ -64,7 +64,9 @@ def lower_mod(
             allowed_mutations=_compat.ordered_set([scatter]),
             additional_lowerings={scatter: zeros_and_scatter_lowering},
         )
-    lowering = _ind.PointwiseSubgraphLowering(graph_module, root_graph_lowering=_ind.V.graph, **kwargs)
+    lowering = _ind.PointwiseSubgraphLowering(
+        graph_module, root_graph_lowering=_ind.V.graph, **kwargs
+    )
     with _ind.V.set_graph_handler(lowering):
         lowering.run(*args, *buffers)
 

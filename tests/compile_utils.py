@@ -28,6 +28,8 @@ class CompileResult:
     code: list[str] = field(default_factory=list)
     frame_count: int = 0
     graphs: list = field(default_factory=list)
+    # The compiled callable (forward only), to call again without recompiling.
+    compiled: object = None
 
     @property
     def source(self) -> str:
@@ -47,7 +49,9 @@ class CompileResult:
         )
 
 
-def compile_and_run(fn, *args, backend: str = "inductor", dynamic=None, **kwargs) -> CompileResult:
+def compile_and_run(
+    fn, *args, backend: str = "inductor", dynamic=None, grad_outputs=None, **kwargs
+) -> CompileResult:
     """Compile ``fn`` with ``fullgraph=True`` and run it once.
 
     Args:
@@ -55,6 +59,11 @@ def compile_and_run(fn, *args, backend: str = "inductor", dynamic=None, **kwargs
         *args: Its inputs.
         backend: ``"inductor"`` (code is captured) or any Dynamo backend name.
         dynamic: Passed to ``torch.compile``.
+        grad_outputs: If given, also run the backward,
+            ``torch.autograd.backward(output, grad_outputs)``, inside the code
+            capture: AOTAutograd compiles the backward at its first call, so
+            this is how a test sees the backward's generated code. Gradients
+            accumulate into the inputs' ``.grad``.
         **kwargs: Keyword inputs of ``fn``.
 
     Returns:
@@ -72,10 +81,21 @@ def compile_and_run(fn, *args, backend: str = "inductor", dynamic=None, **kwargs
         return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
 
     counter = torch._dynamo.testing.CompileCounterWithBackend(recording_backend)
-    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=dynamic)
+    forward = torch.compile(fn, backend=counter, fullgraph=True, dynamic=dynamic)
+    compiled = forward
+    if grad_outputs is not None:
+
+        def compiled(*args, **kwargs):
+            output = forward(*args, **kwargs)
+            torch.autograd.backward(output, grad_outputs)
+            return output
+
     with inductor_config.patch(fx_graph_cache=False):
         if backend == "inductor":
             output, code = run_and_get_code(compiled, *args, **kwargs)
         else:
             output, code = compiled(*args, **kwargs), []
-    return CompileResult(output=output, code=list(code), frame_count=counter.frame_count, graphs=graphs)
+    return CompileResult(
+        output=output, code=list(code), frame_count=counter.frame_count, graphs=graphs,
+        compiled=forward,
+    )
