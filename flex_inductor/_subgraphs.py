@@ -340,11 +340,16 @@ def build_joint_graph(
             grad_bufs.append(g)
         return (grad_score, *grad_bufs)
 
+    tensors = [b for b in buffers if isinstance(b, torch.Tensor)]
     with api.suspend_tracing():
-        fake_mode = api.fake_mode_for(query, *buffers)
+        fake_mode = api.fake_mode_for(query, *tensors)
         with fake_mode:
             example = score_placeholders(query)
             example.append(torch.zeros_like(example[0]))
-            fake_buffers = [api.fresh_like(b) for b in buffers]
+            # Under dynamic shapes Dynamo also lifts the symbolic sizes of
+            # captured tensors (SymInts): they pass through as they are.
+            fake_buffers = [
+                api.fresh_like(b) if isinstance(b, torch.Tensor) else b for b in buffers
+            ]
         with _compat.transform_getitem_to_index()():
             return api.make_fx(joint)(*example, *fake_buffers)
