@@ -180,22 +180,26 @@ def _lower_with_templates(
     dkdv_inputs = [query, key, value, lse, delta, grad_out, grad_value, *q_sparse]
     choices: list = []
     _compat.tag_kernel_name("flex_inductor_bwd")
-    error = backward_dkdv_template().maybe_append_choice(
-        choices,
-        input_nodes=dkdv_inputs,
-        layout=dk_layout,
-        subgraphs=[score_sub, mask_sub, grad_score_sub, scatters],
-        mutated_inputs=[grad_value, *grad_buffers],
-        call_sizes=key.get_size(),
-        BLOCK_M1=config.BLOCK_M1,
-        BLOCK_N1=config.BLOCK_N1,
-        HAS_SCATTER=bool(scatters),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        **constexprs,
-    )
-    if error is not None:
-        raise error
+    candidates = configs.autotune_candidates(config, options, device, q_block, kv_block)
+    for candidate in candidates:
+        error = backward_dkdv_template().maybe_append_choice(
+            choices,
+            input_nodes=dkdv_inputs,
+            layout=dk_layout,
+            subgraphs=[score_sub, mask_sub, grad_score_sub, scatters],
+            mutated_inputs=[grad_value, *grad_buffers],
+            call_sizes=key.get_size(),
+            BLOCK_M1=candidate.BLOCK_M1,
+            BLOCK_N1=candidate.BLOCK_N1,
+            HAS_SCATTER=bool(scatters),
+            num_warps=candidate.num_warps,
+            num_stages=candidate.num_stages,
+            **constexprs,
+        )
+        if error is not None and candidate is config:
+            raise error
+    if len(candidates) > 1:
+        log.info("flex_inductor_bwd: autotuning %d dK/dV configs", len(choices))
     grad_key = _compat.select_algorithm(
         "flex_inductor_bwd_dkdv",
         choices,
@@ -223,21 +227,24 @@ def _lower_with_templates(
     joint_again = lower_mod(
         first_output_only(joint_graph.graph_module), names, score_buffers, device
     )
-    error = backward_dq_template().maybe_append_choice(
-        choices,
-        input_nodes=dq_inputs,
-        layout=dq_layout,
-        subgraphs=[score_sub, mask_sub, joint_again],
-        mutated_inputs=None,
-        call_sizes=query.get_size(),
-        BLOCK_M2=config.BLOCK_M2,
-        BLOCK_N2=config.BLOCK_N2,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        **constexprs,
-    )
-    if error is not None:
-        raise error
+    for candidate in candidates:
+        error = backward_dq_template().maybe_append_choice(
+            choices,
+            input_nodes=dq_inputs,
+            layout=dq_layout,
+            subgraphs=[score_sub, mask_sub, joint_again],
+            mutated_inputs=None,
+            call_sizes=query.get_size(),
+            BLOCK_M2=candidate.BLOCK_M2,
+            BLOCK_N2=candidate.BLOCK_N2,
+            num_warps=candidate.num_warps,
+            num_stages=candidate.num_stages,
+            **constexprs,
+        )
+        if error is not None and candidate is config:
+            raise error
+    if len(candidates) > 1:
+        log.info("flex_inductor_bwd: autotuning %d dQ configs", len(choices))
     grad_query = _compat.select_algorithm(
         "flex_inductor_bwd_dq",
         choices,

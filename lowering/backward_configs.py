@@ -153,3 +153,36 @@ def shrink_to_fit(config: BackwardConfig, q_block: int, kv_block: int) -> Backwa
         BLOCK_M2=fit(config.BLOCK_M2, q_block),
         BLOCK_N2=fit(config.BLOCK_N2, kv_block),
     )
+
+
+# Candidates benchmarked under max-autotune on CUDA, next to the default:
+# (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages). dK/dV and dQ
+# are tuned separately (each kernel keeps its own winner).
+BACKWARD_AUTOTUNE = [
+    BackwardConfig(32, 128, 64, 64, 4, 3),
+    BackwardConfig(64, 128, 128, 64, 8, 3),
+    BackwardConfig(32, 64, 64, 32, 4, 3),
+    BackwardConfig(64, 64, 128, 32, 4, 2),
+    BackwardConfig(32, 128, 64, 64, 8, 2),
+    BackwardConfig(16, 64, 32, 32, 4, 2),
+]
+
+
+def autotune_candidates(
+    default: BackwardConfig, options: dict, device: torch.device, q_block: int, kv_block: int
+) -> list[BackwardConfig]:
+    """The configs to benchmark: the default alone unless max-autotune is on.
+
+    Tiles the user pinned in ``kernel_options`` turn autotuning off; so does
+    a device without tensor cores to tune for (the interpreter).
+    """
+    from flex_inductor import _compat
+
+    pinned = any(key in options or f"bwd_{key}" in options for key in _FIELDS)
+    if pinned or device.type != "cuda" or not _compat.inductor_config().max_autotune:
+        return [default]
+    candidates = [default]
+    for config in BACKWARD_AUTOTUNE:
+        if config != default and fits_block_mask(config, q_block, kv_block):
+            candidates.append(config)
+    return candidates
