@@ -344,6 +344,7 @@ def enable_triton_interpreter() -> None:
     _patch_interpreter_scalar_index()
     _patch_interpreter_libdevice()
     _patch_interpreter_bfloat16()
+    _patch_interpreter_comparisons()
     backend = _InterpreterBackend()
     torch_triton.triton_backend = lambda: backend
     torch_triton.triton_hash_with_backend = lambda: hashlib.sha256(
@@ -429,6 +430,33 @@ def _patch_interpreter_bfloat16() -> None:
     builder.create_dot = create_dot
     builder.cast_impl = cast_impl
     builder._flex_inductor_bfloat16 = True
+
+
+def _patch_interpreter_comparisons() -> None:
+    """Type the interpreter's comparison results as booleans.
+
+    Its comparisons keep the left operand's dtype on a bool array, so a
+    float comparison claims float32. Harmless while both sides are blocks,
+    but broadcasting a scalar result (``maximum(scalar, tile)`` in Inductor's
+    helpers does ``mask |= a != a``) makes float zeros of it, and the ``|``
+    then fails: "ufunc 'bitwise_or' not supported for the input types".
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_flex_inductor_comparisons", False):
+        return
+    for name in [n for n in dir(builder) if n.startswith(("create_icmp", "create_fcmp"))]:
+        original = getattr(builder, name)
+
+        def compare(self, lhs, rhs, _original=original):
+            result = _original(self, lhs, rhs)
+            return interpreter.TensorHandle(result.data.astype(np.bool_), tl.int1)
+
+        setattr(builder, name, compare)
+    builder._flex_inductor_comparisons = True
 
 
 def _patch_interpreter_libdevice() -> None:
