@@ -7,8 +7,9 @@ is one import line::
 
     from flex_inductor import flex_attention, create_block_mask
 
-Set ``FLEX_INDUCTOR_INTERPRET=1`` (or call :func:`enable_interpreter`) to run
-the generated Triton kernels in Triton's interpreter on CPU tensors.
+Set ``FLEX_INDUCTOR_INTERPRET=1`` before importing flex_inductor to run the
+generated Triton kernels in Triton's interpreter on CPU tensors (Triton picks
+the interpreter when it is first imported, so there is no switch after import).
 """
 
 from __future__ import annotations
@@ -31,24 +32,12 @@ from .reference import flex_attention_reference  # noqa: E402
 _register_dynamo_variable()
 
 
-def enable_interpreter() -> None:
-    """Run compiled flex_attention on CPU tensors in Triton's interpreter.
-
-    The same as setting ``FLEX_INDUCTOR_INTERPRET=1`` before import: Inductor
-    generates the same Triton templates as on a GPU and runs them with numpy,
-    so a ``score_mod`` can be debugged inside the real kernel on a laptop.
-    Call it before the first compiled call.
-    """
-    _compat.enable_triton_interpreter()
-
-
 __all__ = [
     "BlockMask",
     "PagedKVCache",
     "and_masks",
     "create_block_mask",
     "create_mask",
-    "enable_interpreter",
     "flex_attention",
     "flex_attention_reference",
     "masks",
