@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import math
 import os
 import sys
@@ -215,6 +216,10 @@ def _write_csv(rows: list[Row], path: str) -> None:
             writer.writerow({**meta, **asdict(row)})
 
 
+def _peak(impls: dict, name: str) -> str:
+    return f"{impls[name].peak_mib:.0f}" if name in impls else ""
+
+
 def markdown(rows: list[Row]) -> str:
     """A GitHub table: TF/s per implementation and our ratio to each peer."""
     cells: dict[tuple, dict[str, Row]] = {}
@@ -230,17 +235,17 @@ def markdown(rows: list[Row]) -> str:
     for (shape, variant, mode), impls in cells.items():
         ours = impls.get("flex_inductor")
 
-        def tf(name):
+        def tf(name, impls=impls):
             return f"{impls[name].tflops:.0f}" if name in impls else ""
 
-        def ratio(name):
+        def ratio(name, impls=impls, ours=ours):
             if ours is None or name not in impls:
                 return ""
             return f"{ours.tflops / impls[name].tflops:.2f}x"
 
         if ours is not None and "torch_flex" in impls:
             ratios.append(ours.tflops / impls["torch_flex"].tflops)
-        peak = lambda n: f"{impls[n].peak_mib:.0f}" if n in impls else ""  # noqa: E731
+        peak = functools.partial(_peak, impls)
         lines.append(
             f"| {shape} | {variant} | {mode} | {tf('flex_inductor')} | {tf(peers[0])} | "
             f"{tf(peers[1])} | {tf(peers[2])} | {ratio(peers[0])} | {ratio(peers[1])} | "

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         q = torch.randn(B, Hq, L, D, device=dev, dtype=dtype)
         offset = S - L
 
-        def cached_causal(b, h, q_idx, kv_idx):
+        def cached_causal(b, h, q_idx, kv_idx, offset=offset):
             return q_idx + offset >= kv_idx
 
         bm = fi.create_block_mask(cached_causal, None, None, L, S, device=dev)
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
             ("forward", {"FORCE_USE_FLEX_ATTENTION": True}),
         ):
 
-            def call(options=options):
+            def call(options=options, q=q, bm=bm):
                 return fi.flex_attention(
                     q, k, v, block_mask=bm, enable_gqa=True, kernel_options=options
                 )
@@ -54,7 +54,8 @@ def main(argv=None) -> int:
                 print(f"# L={L} {name}: {type(error).__name__}: {str(error)[:160]}")
         if len(times) == 2:
             print(
-                f"| {L} | {times['decode']:.3f} | {times['forward']:.3f} | {times['decode'] / times['forward']:.2f} |",
+                f"| {L} | {times['decode']:.3f} | {times['forward']:.3f} "
+                f"| {times['decode'] / times['forward']:.2f} |",
                 flush=True,
             )
     return 0

@@ -83,16 +83,16 @@ def dense_attention_backward(
     Buffers that need no gradient get an empty tensor in their slot (a
     custom op cannot return None).
     """
-    from .reference_backward import reference_backward
-
-    from .block_mask import BlockMask
     from ._subgraphs import bind_buffers
+    from .block_mask import BlockMask
+    from .reference_backward import reference_backward
 
     bm = BlockMask._from_flat(
         list(block_mask), list(block_sizes), bind_buffers(decode_graph(mask_mod), mask_mod_buffers)
     )
     buffers = [
-        b.detach().requires_grad_(need) for b, need in zip(score_mod_buffers, buffer_needs_grad)
+        b.detach().requires_grad_(need)
+        for b, need in zip(score_mod_buffers, buffer_needs_grad, strict=True)
     ]
     with _compat.leaf_kernel():
         dq, dk, dv, grads = reference_backward(
@@ -108,6 +108,6 @@ def _(query, key, value, out, lse, grad_out, grad_lse, fw_graph, mask_mod, block
       block_sizes, scale, score_mod_buffers, mask_mod_buffers, buffer_needs_grad):
     grads = [
         torch.empty_like(b) if need else query.new_empty(0)
-        for b, need in zip(score_mod_buffers, buffer_needs_grad)
+        for b, need in zip(score_mod_buffers, buffer_needs_grad, strict=True)
     ]
     return [torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), *grads]

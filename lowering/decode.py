@@ -97,7 +97,8 @@ def lower_decode(
     )
     if kv_block % block_n:
         raise ValueError(
-            f"kernel_options: BLOCK_N={block_n} must divide the BlockMask's kv block size {kv_block}"
+            f"kernel_options: BLOCK_N={block_n} must divide the BlockMask's kv block size "
+            f"{kv_block}"
         )
     programs = static_int(B) * (static_int(Hkv) if pack else static_int(Hq))
     split = int(options.get("SPLIT_KV", _choose_splits(programs, S, kv_block, device)))

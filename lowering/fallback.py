@@ -56,7 +56,7 @@ def dense_backward_fallback(
         list(score_mod_buffers), list(mask_mod_buffers), needs_grad,
     )
     dq, dk, dv, *grads = results
-    return dq, dk, dv, [g if need else None for g, need in zip(grads, needs_grad)]
+    return dq, dk, dv, [g if need else None for g, need in zip(grads, needs_grad, strict=True)]
 
 
 def _graph_outputs(graph_module: torch.fx.GraphModule) -> list:
