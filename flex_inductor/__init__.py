@@ -2,7 +2,7 @@
 
 Write an attention variant as ``score_mod(score, b, h, q_idx, kv_idx)`` and
 ``mask_mod(b, h, q_idx, kv_idx)``; get fused, block-sparse, autotuned Triton
-kernels. The API mirrors ``torch.nn.attention.flex_attention``, so switching
+kernels. The API mirrors PyTorch's own FlexAttention API, so switching
 is one import line::
 
     from flex_inductor import flex_attention, create_block_mask
