@@ -86,8 +86,7 @@ def validate_inputs(
         _check_block_mask(block_mask, query, key)
     _check_scale(scale)
     _check_kernel_options(kernel_options)
-    _check_forward_tiles(kernel_options, block_mask)
-    _check_backward_tiles(kernel_options, block_mask)
+    _check_tiles(kernel_options, block_mask)
 
 
 def _check_tensors(query: Any, key: Any, value: Any) -> None:
@@ -261,10 +260,23 @@ def _check_kernel_options(kernel_options: Any) -> None:
         )
 
 
-def _check_forward_tiles(kernel_options: dict | None, block_mask: Any) -> None:
-    # The forward kernel walks the BlockMask's blocks in whole tiles, so a
-    # pinned BLOCK_M / BLOCK_N must divide its block sizes. Checked here so
-    # that the user gets a ValueError, not a failure deep inside compilation.
+# Pinned tiles and the BlockMask block ("Q" or "KV") each must divide, with
+# the kernel-specific prefix that overrides the plain key.
+_TILES = (
+    ("fwd_", "BLOCK_M", "Q"),
+    ("fwd_", "BLOCK_N", "KV"),
+    ("bwd_", "BLOCK_M1", "Q"),
+    ("bwd_", "BLOCK_N1", "KV"),
+    ("bwd_", "BLOCK_M2", "Q"),
+    ("bwd_", "BLOCK_N2", "KV"),
+)
+
+
+def _check_tiles(kernel_options: dict | None, block_mask: Any) -> None:
+    # The kernels walk the BlockMask's blocks in whole tiles, so a pinned tile
+    # must divide its block size. Checked at the call, so that the user gets a
+    # ValueError here rather than a failure deep inside compilation (for the
+    # backward, only at the first loss.backward()).
     if not kernel_options:
         return
     from flex_inductor.block_mask import _DEFAULT_BLOCK_SIZE
@@ -273,41 +285,9 @@ def _check_forward_tiles(kernel_options: dict | None, block_mask: Any) -> None:
         block_mask.BLOCK_SIZE if block_mask is not None
         else (_DEFAULT_BLOCK_SIZE, _DEFAULT_BLOCK_SIZE)
     )
-    for name, block in (("BLOCK_M", q_block), ("BLOCK_N", kv_block)):
-        key = f"fwd_{name}" if f"fwd_{name}" in kernel_options else name
-        tile = kernel_options.get(key)
-        if tile is None:
-            continue
-        if isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0:
-            raise ValueError(f"`kernel_options[{key!r}]` must be a positive int, got {tile!r}")
-        if block % tile:
-            raise ValueError(
-                f"`kernel_options[{key!r}]` = {tile} must divide the BlockMask's "
-                f"{'Q' if name == 'BLOCK_M' else 'KV'} block size {block}; pick a divisor of "
-                f"{block} or build the BlockMask with a BLOCK_SIZE that {tile} divides"
-            )
-
-
-def _check_backward_tiles(kernel_options: dict | None, block_mask: Any) -> None:
-    # The same for the backward's tiles (BLOCK_M1/BLOCK_N1 for dK/dV,
-    # BLOCK_M2/BLOCK_N2 for dQ): checked at the call, because the backward is
-    # compiled only at the first loss.backward(), where an error would be
-    # wrapped in Inductor's and far from its cause.
-    if not kernel_options:
-        return
-    from flex_inductor.block_mask import _DEFAULT_BLOCK_SIZE
-
-    q_block, kv_block = (
-        block_mask.BLOCK_SIZE if block_mask is not None
-        else (_DEFAULT_BLOCK_SIZE, _DEFAULT_BLOCK_SIZE)
-    )
-    for name, block, which in (
-        ("BLOCK_M1", q_block, "Q"),
-        ("BLOCK_N1", kv_block, "KV"),
-        ("BLOCK_M2", q_block, "Q"),
-        ("BLOCK_N2", kv_block, "KV"),
-    ):
-        key = f"bwd_{name}" if f"bwd_{name}" in kernel_options else name
+    for prefix, name, which in _TILES:
+        block = q_block if which == "Q" else kv_block
+        key = f"{prefix}{name}" if f"{prefix}{name}" in kernel_options else name
         tile = kernel_options.get(key)
         if tile is None:
             continue
