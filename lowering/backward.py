@@ -27,12 +27,15 @@ from .common import (
     block_mask_input_gen_fns,
     declare_subgraph_symbols,
     device_can_use_templates,
+    exp2_factor,
     fixed_inputs,
     float32_precision,
+    is_identity_score_mod,
     is_symbolic_scalar,
     lower_mask_mod,
     lower_score_mod,
     rounded_head_dim,
+    sizes_are_static_multiple,
     static_float,
     static_int,
 )
@@ -151,6 +154,12 @@ def _lower_with_templates(
     # Symbolic scalars a mod reads are kernel arguments, not input buffers.
     buffers = [b for b in (*score_buffers, *mask_buffers) if not is_symbolic_scalar(b)]
 
+    sm_scale = static_float(scale)
+    # As in the forward: no score_mod folds the (positive) scale into exp2.
+    identity = is_identity_score_mod(fw_graph) and sm_scale > 0
+    # Tiles walk whole sparse blocks: bounds checks can go when both lengths
+    # fill their last sparse block.
+    divisible = sizes_are_static_multiple(L, q_block) and sizes_are_static_multiple(S, kv_block)
     constexprs = dict(
         QK_HEAD_DIM=static_int(E),
         QK_HEAD_DIM_ROUNDED=rounded_head_dim(E),
@@ -159,7 +168,10 @@ def _lower_with_templates(
         SPARSE_Q_BLOCK_SIZE=q_block,
         SPARSE_KV_BLOCK_SIZE=kv_block,
         GQA_SHARED_HEADS=static_int(Hq) // static_int(Hkv),
-        SM_SCALE=static_float(scale),
+        SM_SCALE=sm_scale,
+        SCORE_MOD_IS_IDENTITY=identity,
+        EXP2_FACTOR=exp2_factor(sm_scale, fold_scale=identity),
+        IS_DIVISIBLE=divisible,
         HAS_FULL_BLOCKS=has_full,
         FLOAT32_PRECISION=float32_precision(),
     )

@@ -167,3 +167,28 @@ def output_is_used(index: int) -> bool:
         if user.args[1] == index and user.users:
             return True
     return False
+
+
+def is_identity_score_mod(subgraph) -> bool:
+    """True when ``score_mod`` returns its ``score`` argument unchanged.
+
+    Templates then skip the mod and fold the softmax scale into the single
+    exp2 factor: one multiply-add per score instead of three operations.
+    """
+    graph = subgraph.graph_module.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    outputs = [n for n in graph.nodes if n.op == "output"]
+    if not placeholders or len(outputs) != 1:
+        return False
+    result = outputs[0].args[0]
+    if isinstance(result, (tuple, list)):
+        if len(result) != 1:
+            return False
+        result = result[0]
+    return result is placeholders[0]
+
+
+def exp2_factor(scale: float, fold_scale: bool) -> float:
+    """The factor taking a raw (or already scaled) score to the log2 domain."""
+    log2e = 1.4426950408889634
+    return log2e * scale if fold_scale else log2e

@@ -27,9 +27,11 @@ from .common import (
     declare_subgraph_symbols,
     describe_config,
     device_can_use_templates,
+    exp2_factor,
     fixed_inputs,
     float32_precision,
     interpret_mode,
+    is_identity_score_mod,
     is_symbolic_scalar,
     lower_mask_mod,
     lower_score_mod,
@@ -118,6 +120,11 @@ def lower_forward(
     # read after all (return_lse, or saved for the backward), an unwritten
     # buffer would be garbage, so the promise is checked against the graph.
     write_lse = bool(options.get("OUTPUT_LOGSUMEXP", True)) or output_is_used(1)
+    sm_scale = static_float(scale)
+    prescale = bool(options.get("PRESCALE_QK", False))
+    # Folding the scale into the row max needs it positive (max commutes
+    # with multiplication by a positive factor only).
+    identity = is_identity_score_mod(score_mod) and sm_scale > 0
     constexprs = dict(
         QK_HEAD_DIM=static_int(E),
         QK_HEAD_DIM_ROUNDED=rounded_head_dim(E),
@@ -126,9 +133,11 @@ def lower_forward(
         SPARSE_Q_BLOCK_SIZE=q_block,
         SPARSE_KV_BLOCK_SIZE=kv_block,
         GQA_SHARED_HEADS=static_int(Hq) // static_int(Hkv),
-        SM_SCALE=static_float(scale),
+        SM_SCALE=sm_scale,
+        SCORE_MOD_IS_IDENTITY=identity,
+        EXP2_FACTOR=exp2_factor(sm_scale, fold_scale=identity and not prescale),
         HAS_FULL_BLOCKS=has_full,
-        PRESCALE_QK=bool(options.get("PRESCALE_QK", False)),
+        PRESCALE_QK=prescale,
         ROWS_GUARANTEED_SAFE=bool(options.get("ROWS_GUARANTEED_SAFE", False)),
         OUTPUT_LOGSUMEXP=write_lse,
         FLOAT32_PRECISION=float32_precision(),

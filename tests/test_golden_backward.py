@@ -99,6 +99,9 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
     SPARSE_KV_BLOCK_SIZE : tl.constexpr = 32
     GQA_SHARED_HEADS : tl.constexpr = 1
     SM_SCALE : tl.constexpr = 0.25
+    SCORE_MOD_IS_IDENTITY : tl.constexpr = False
+    EXP2_FACTOR : tl.constexpr = 1.4426950408889634
+    IS_DIVISIBLE : tl.constexpr = True
     HAS_FULL_BLOCKS : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
     INDEX_DTYPE : tl.constexpr = tl.int32
@@ -216,6 +219,9 @@ def _dkdv_inner(
     SPARSE_KV_BLOCK_SIZE : tl.constexpr = 32
     GQA_SHARED_HEADS : tl.constexpr = 1
     SM_SCALE : tl.constexpr = 0.25
+    SCORE_MOD_IS_IDENTITY : tl.constexpr = False
+    EXP2_FACTOR : tl.constexpr = 1.4426950408889634
+    IS_DIVISIBLE : tl.constexpr = True
     HAS_FULL_BLOCKS : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
     INDEX_DTYPE : tl.constexpr = tl.int32
@@ -237,18 +243,23 @@ def _dkdv_inner(
             Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
             mask=row_ok[:, None] & (offs_d[None, :] < QK_HEAD_DIM), other=0.0,
         )
-        qkT = tl.dot(k, tl.trans(q), input_precision=FLOAT32_PRECISION) * SM_SCALE
+        qkT = tl.dot(k, tl.trans(q), input_precision=FLOAT32_PRECISION)
         q_idx = tl.minimum(offs_m, Q_LEN - 1)[None, :]
-        tmp0 = (qkT)
-        tmp1 = (off_h)
-        tmp2 = tl.load(in_ptr11 + tmp1)
-        tmp3 = (kv_idx)
-        tmp4 = (q_idx)
-        tmp5 = tmp3 - tmp4
-        tmp6 = tmp5.to(tl.float32)
-        tmp7 = tmp2 * tmp6
-        tmp8 = tmp0 + tmp7
-        post_mod_scores = tmp8
+        if SCORE_MOD_IS_IDENTITY:
+            # No score_mod: the scale is folded into EXP2_FACTOR below.
+            post_mod_scores = qkT
+        else:
+            qkT = qkT * SM_SCALE
+            tmp0 = (qkT)
+            tmp1 = (off_h)
+            tmp2 = tl.load(in_ptr11 + tmp1)
+            tmp3 = (kv_idx)
+            tmp4 = (q_idx)
+            tmp5 = tmp3 - tmp4
+            tmp6 = tmp5.to(tl.float32)
+            tmp7 = tmp2 * tmp6
+            tmp8 = tmp0 + tmp7
+            post_mod_scores = tmp8
 
         keep = row_ok[None, :] & (offs_n[:, None] < KV_LEN)
         if not IS_FULL_BLOCKS:
@@ -258,12 +269,15 @@ def _dkdv_inner(
             mask_mod_output = tmp11
 
             keep = keep & mask_mod_output
-        post_mod_scores = tl.where(keep, post_mod_scores, float("-inf"))
+        if not IS_FULL_BLOCKS or not IS_DIVISIBLE:
+            # Full blocks of whole tiles keep every position: no select.
+            post_mod_scores = tl.where(keep, post_mod_scores, float("-inf"))
 
         # A fully masked row has lse == -inf; +inf instead makes its p zero.
         lse = tl.load(LSE_base + offs_m * stride_lm, mask=row_ok, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        pT = tl.math.exp2((post_mod_scores - lse[None, :]) * LOG2E)
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+        # One fused multiply-add per score (see EXP2_FACTOR in the forward).
+        pT = tl.math.exp2(post_mod_scores * EXP2_FACTOR - lse[None, :])
 
         do = tl.load(
             DO_base + offs_m[:, None] * stride_dom + offs_v[None, :] * stride_dok,
@@ -274,10 +288,14 @@ def _dkdv_inner(
         dpT = tl.dot(v, tl.trans(do), input_precision=FLOAT32_PRECISION)
         dsT = pT * (dpT - delta[None, :])
 
-        tmp12 = (dsT)
-        grad_scores = tmp12
+        if SCORE_MOD_IS_IDENTITY:
+            grad_scores = dsT
+        else:
+            tmp12 = (dsT)
+            grad_scores = tmp12
 
-        grad_scores = tl.where(keep, grad_scores, 0.0)
+        if not IS_FULL_BLOCKS or not IS_DIVISIBLE:
+            grad_scores = tl.where(keep, grad_scores, 0.0)
         # Gradients of captured tensors: one atomic add per kept position.
         tmp13 = (off_h)
         tmp14 = (dsT)
@@ -311,6 +329,9 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
     SPARSE_KV_BLOCK_SIZE : tl.constexpr = 32
     GQA_SHARED_HEADS : tl.constexpr = 1
     SM_SCALE : tl.constexpr = 0.25
+    SCORE_MOD_IS_IDENTITY : tl.constexpr = False
+    EXP2_FACTOR : tl.constexpr = 1.4426950408889634
+    IS_DIVISIBLE : tl.constexpr = True
     HAS_FULL_BLOCKS : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
     INDEX_DTYPE : tl.constexpr = tl.int32
@@ -365,7 +386,8 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
     )
     lse = tl.load(LSE + off_z * stride_lz + off_h * stride_lh + offs_m * stride_lm, mask=row_ok, other=float("inf"))
     # A fully masked row has lse == -inf; +inf instead makes its p zero.
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    # Kept in the log2 domain, as the loop's exp2 wants it.
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(DELTA + off_z * stride_dz + off_h * stride_dh + offs_m * stride_dm, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M2, QK_HEAD_DIM_ROUNDED], dtype=tl.float32)
 
@@ -419,11 +441,13 @@ def _dq_inner(
     SPARSE_KV_BLOCK_SIZE : tl.constexpr = 32
     GQA_SHARED_HEADS : tl.constexpr = 1
     SM_SCALE : tl.constexpr = 0.25
+    SCORE_MOD_IS_IDENTITY : tl.constexpr = False
+    EXP2_FACTOR : tl.constexpr = 1.4426950408889634
+    IS_DIVISIBLE : tl.constexpr = True
     HAS_FULL_BLOCKS : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
     INDEX_DTYPE : tl.constexpr = tl.int32
 
-    LOG2E: tl.constexpr = 1.4426950408889634
     KV_STEPS: tl.constexpr = SPARSE_KV_BLOCK_SIZE // BLOCK_N2
 
     q_idx = tl.minimum(offs_m, Q_LEN - 1)[:, None]
@@ -441,18 +465,23 @@ def _dq_inner(
             K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk,
             mask=col_ok[:, None] & (offs_d[None, :] < QK_HEAD_DIM), other=0.0,
         )
-        qk = tl.dot(q, tl.trans(k), input_precision=FLOAT32_PRECISION) * SM_SCALE
+        qk = tl.dot(q, tl.trans(k), input_precision=FLOAT32_PRECISION)
         kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
-        tmp0 = (qk)
-        tmp1 = (off_h)
-        tmp2 = tl.load(in_ptr10 + tmp1)
-        tmp3 = (kv_idx)
-        tmp4 = (q_idx)
-        tmp5 = tmp3 - tmp4
-        tmp6 = tmp5.to(tl.float32)
-        tmp7 = tmp2 * tmp6
-        tmp8 = tmp0 + tmp7
-        post_mod_scores = tmp8
+        if SCORE_MOD_IS_IDENTITY:
+            # No score_mod: the scale is folded into EXP2_FACTOR below.
+            post_mod_scores = qk
+        else:
+            qk = qk * SM_SCALE
+            tmp0 = (qk)
+            tmp1 = (off_h)
+            tmp2 = tl.load(in_ptr10 + tmp1)
+            tmp3 = (kv_idx)
+            tmp4 = (q_idx)
+            tmp5 = tmp3 - tmp4
+            tmp6 = tmp5.to(tl.float32)
+            tmp7 = tmp2 * tmp6
+            tmp8 = tmp0 + tmp7
+            post_mod_scores = tmp8
 
         keep = row_ok[:, None] & col_ok[None, :]
         if not IS_FULL_BLOCKS:
@@ -462,8 +491,11 @@ def _dq_inner(
             mask_mod_output = tmp11
 
             keep = keep & mask_mod_output
-        post_mod_scores = tl.where(keep, post_mod_scores, float("-inf"))
-        p = tl.math.exp2((post_mod_scores - lse[:, None]) * LOG2E)
+        if not IS_FULL_BLOCKS or not IS_DIVISIBLE:
+            # Full blocks of whole tiles keep every position: no select.
+            post_mod_scores = tl.where(keep, post_mod_scores, float("-inf"))
+        # lse arrives in the log2 domain: one fused multiply-add per score.
+        p = tl.math.exp2(post_mod_scores * EXP2_FACTOR - lse[:, None])
 
         v = tl.load(
             V_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vk,
@@ -471,10 +503,14 @@ def _dq_inner(
         )
         dp = tl.dot(do, tl.trans(v), input_precision=FLOAT32_PRECISION)
         ds = p * (dp - delta[:, None])
-        tmp12 = (ds)
-        grad_scores = tmp12
+        if SCORE_MOD_IS_IDENTITY:
+            grad_scores = ds
+        else:
+            tmp12 = (ds)
+            grad_scores = tmp12
 
-        grad_scores = tl.where(keep, grad_scores, 0.0)
+        if not IS_FULL_BLOCKS or not IS_DIVISIBLE:
+            grad_scores = tl.where(keep, grad_scores, 0.0)
         dq = tl.dot(grad_scores.to(k.dtype), k, dq, input_precision=FLOAT32_PRECISION)
 
         next_step = step + 1

@@ -100,6 +100,8 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     SPARSE_KV_BLOCK_SIZE : tl.constexpr = 128
     GQA_SHARED_HEADS : tl.constexpr = 1
     SM_SCALE : tl.constexpr = 0.25
+    SCORE_MOD_IS_IDENTITY : tl.constexpr = True
+    EXP2_FACTOR : tl.constexpr = 0.36067376022224085
     HAS_FULL_BLOCKS : tl.constexpr = True
     PRESCALE_QK : tl.constexpr = False
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
@@ -115,8 +117,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     FULL_KV_NUM_BLKS = arg_FULL_KV_NUM_BLKS
     FULL_KV_IDX = arg_FULL_KV_IDX
 
-    # 1/ln(2): scores are kept as log2 values so that the loop can use exp2.
-    LOG2E: tl.constexpr = 1.4426950408889634
+    # m_i is kept in the log2 domain (the loop uses exp2); lse is natural.
     LN2: tl.constexpr = 0.6931471805599453
 
     stride_qz, stride_qh, stride_qm, stride_qk = 4096, 1024, 16, 1
@@ -221,6 +222,8 @@ def _inner(
     SPARSE_KV_BLOCK_SIZE : tl.constexpr = 128
     GQA_SHARED_HEADS : tl.constexpr = 1
     SM_SCALE : tl.constexpr = 0.25
+    SCORE_MOD_IS_IDENTITY : tl.constexpr = True
+    EXP2_FACTOR : tl.constexpr = 0.36067376022224085
     HAS_FULL_BLOCKS : tl.constexpr = True
     PRESCALE_QK : tl.constexpr = False
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
@@ -228,7 +231,6 @@ def _inner(
     FLOAT32_PRECISION : tl.constexpr = <config>
     INDEX_DTYPE : tl.constexpr = tl.int32
 
-    LOG2E: tl.constexpr = 1.4426950408889634
     # Each sparse kv block is covered by SPARSE_KV_BLOCK_SIZE // BLOCK_N steps.
     KV_STEPS: tl.constexpr = SPARSE_KV_BLOCK_SIZE // BLOCK_N
 
@@ -253,16 +255,21 @@ def _inner(
         else:
             k = tl.load(k_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_d[None, :] < QK_HEAD_DIM), other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=FLOAT32_PRECISION)
-        if not PRESCALE_QK:
-            qk *= SM_SCALE
 
         kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
-        tmp0 = (qk)
-        post_mod_scores = tmp0
+        if SCORE_MOD_IS_IDENTITY:
+            # No score_mod: the scale is folded into EXP2_FACTOR below, so
+            # each score costs one multiply-add before exp2.
+            post_mod_scores = qk
+        else:
+            if not PRESCALE_QK:
+                qk *= SM_SCALE
+            tmp0 = (qk)
+            post_mod_scores = tmp0
 
-        # The softmax needs a float32 tile whatever the mod returns: a
-        # captured float64 table promotes it, and a constant score is [1].
-        post_mod_scores, _ = tl.broadcast(post_mod_scores.to(tl.float32), qk)
+            # The softmax needs a float32 tile whatever the mod returns: a
+            # captured float64 table promotes it, and a constant score is [1].
+            post_mod_scores, _ = tl.broadcast(post_mod_scores.to(tl.float32), qk)
 
         if not IS_FULL_BLOCKS:
             tmp1 = tl.full([1], True, tl.int1)
@@ -273,15 +280,17 @@ def _inner(
             in_bounds = (offs_m[:, None] < Q_LEN) & (offs_n[None, :] < KV_LEN)
             post_mod_scores = tl.where(in_bounds, post_mod_scores, float("-inf"))
 
-        scores = post_mod_scores * LOG2E
-        m_ij = tl.maximum(m_i, tl.max(scores, 1))
+        # EXP2_FACTOR takes scores to the log2 domain (times the scale when it
+        # was folded). The row max is scaled per row, not per score, and the
+        # exp2 argument is one fused multiply-add.
+        m_ij = tl.maximum(m_i, tl.max(post_mod_scores, 1) * EXP2_FACTOR)
         if ROWS_GUARANTEED_SAFE:
             m_shift = m_ij
         else:
             # A row with nothing kept yet has m_ij == -inf; shifting by 0
             # instead keeps exp2 at 0 rather than NaN.
             m_shift = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.math.exp2(scores - m_shift[:, None])
+        p = tl.math.exp2(post_mod_scores * EXP2_FACTOR - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -319,6 +328,8 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     SPARSE_KV_BLOCK_SIZE : tl.constexpr = 32
     GQA_SHARED_HEADS : tl.constexpr = 1
     SM_SCALE : tl.constexpr = 0.25
+    SCORE_MOD_IS_IDENTITY : tl.constexpr = True
+    EXP2_FACTOR : tl.constexpr = 0.36067376022224085
     HAS_FULL_BLOCKS : tl.constexpr = True
     PRESCALE_QK : tl.constexpr = False
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
@@ -334,8 +345,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     FULL_KV_NUM_BLKS = arg_FULL_KV_NUM_BLKS
     FULL_KV_IDX = arg_FULL_KV_IDX
 
-    # 1/ln(2): scores are kept as log2 values so that the loop can use exp2.
-    LOG2E: tl.constexpr = 1.4426950408889634
+    # m_i is kept in the log2 domain (the loop uses exp2); lse is natural.
     LN2: tl.constexpr = 0.6931471805599453
 
     stride_qz, stride_qh, stride_qm, stride_qk = 4096, 1024, 16, 1
@@ -440,6 +450,8 @@ def _inner(
     SPARSE_KV_BLOCK_SIZE : tl.constexpr = 32
     GQA_SHARED_HEADS : tl.constexpr = 1
     SM_SCALE : tl.constexpr = 0.25
+    SCORE_MOD_IS_IDENTITY : tl.constexpr = True
+    EXP2_FACTOR : tl.constexpr = 0.36067376022224085
     HAS_FULL_BLOCKS : tl.constexpr = True
     PRESCALE_QK : tl.constexpr = False
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
@@ -447,7 +459,6 @@ def _inner(
     FLOAT32_PRECISION : tl.constexpr = <config>
     INDEX_DTYPE : tl.constexpr = tl.int32
 
-    LOG2E: tl.constexpr = 1.4426950408889634
     # Each sparse kv block is covered by SPARSE_KV_BLOCK_SIZE // BLOCK_N steps.
     KV_STEPS: tl.constexpr = SPARSE_KV_BLOCK_SIZE // BLOCK_N
 
@@ -472,16 +483,21 @@ def _inner(
         else:
             k = tl.load(k_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_d[None, :] < QK_HEAD_DIM), other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=FLOAT32_PRECISION)
-        if not PRESCALE_QK:
-            qk *= SM_SCALE
 
         kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
-        tmp0 = (qk)
-        post_mod_scores = tmp0
+        if SCORE_MOD_IS_IDENTITY:
+            # No score_mod: the scale is folded into EXP2_FACTOR below, so
+            # each score costs one multiply-add before exp2.
+            post_mod_scores = qk
+        else:
+            if not PRESCALE_QK:
+                qk *= SM_SCALE
+            tmp0 = (qk)
+            post_mod_scores = tmp0
 
-        # The softmax needs a float32 tile whatever the mod returns: a
-        # captured float64 table promotes it, and a constant score is [1].
-        post_mod_scores, _ = tl.broadcast(post_mod_scores.to(tl.float32), qk)
+            # The softmax needs a float32 tile whatever the mod returns: a
+            # captured float64 table promotes it, and a constant score is [1].
+            post_mod_scores, _ = tl.broadcast(post_mod_scores.to(tl.float32), qk)
 
         if not IS_FULL_BLOCKS:
             tmp1 = (q_idx)
@@ -494,15 +510,17 @@ def _inner(
             in_bounds = (offs_m[:, None] < Q_LEN) & (offs_n[None, :] < KV_LEN)
             post_mod_scores = tl.where(in_bounds, post_mod_scores, float("-inf"))
 
-        scores = post_mod_scores * LOG2E
-        m_ij = tl.maximum(m_i, tl.max(scores, 1))
+        # EXP2_FACTOR takes scores to the log2 domain (times the scale when it
+        # was folded). The row max is scaled per row, not per score, and the
+        # exp2 argument is one fused multiply-add.
+        m_ij = tl.maximum(m_i, tl.max(post_mod_scores, 1) * EXP2_FACTOR)
         if ROWS_GUARANTEED_SAFE:
             m_shift = m_ij
         else:
             # A row with nothing kept yet has m_ij == -inf; shifting by 0
             # instead keeps exp2 at 0 rather than NaN.
             m_shift = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.math.exp2(scores - m_shift[:, None])
+        p = tl.math.exp2(post_mod_scores * EXP2_FACTOR - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -538,6 +556,8 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     SPARSE_KV_BLOCK_SIZE : tl.constexpr = 128
     GQA_SHARED_HEADS : tl.constexpr = 1
     SM_SCALE : tl.constexpr = 0.25
+    SCORE_MOD_IS_IDENTITY : tl.constexpr = False
+    EXP2_FACTOR : tl.constexpr = 1.4426950408889634
     HAS_FULL_BLOCKS : tl.constexpr = True
     PRESCALE_QK : tl.constexpr = False
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
@@ -553,8 +573,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     FULL_KV_NUM_BLKS = arg_FULL_KV_NUM_BLKS
     FULL_KV_IDX = arg_FULL_KV_IDX
 
-    # 1/ln(2): scores are kept as log2 values so that the loop can use exp2.
-    LOG2E: tl.constexpr = 1.4426950408889634
+    # m_i is kept in the log2 domain (the loop uses exp2); lse is natural.
     LN2: tl.constexpr = 0.6931471805599453
 
     stride_qz, stride_qh, stride_qm, stride_qk = 4096, 1024, 16, 1
@@ -659,6 +678,8 @@ def _inner(
     SPARSE_KV_BLOCK_SIZE : tl.constexpr = 128
     GQA_SHARED_HEADS : tl.constexpr = 1
     SM_SCALE : tl.constexpr = 0.25
+    SCORE_MOD_IS_IDENTITY : tl.constexpr = False
+    EXP2_FACTOR : tl.constexpr = 1.4426950408889634
     HAS_FULL_BLOCKS : tl.constexpr = True
     PRESCALE_QK : tl.constexpr = False
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
@@ -666,7 +687,6 @@ def _inner(
     FLOAT32_PRECISION : tl.constexpr = <config>
     INDEX_DTYPE : tl.constexpr = tl.int32
 
-    LOG2E: tl.constexpr = 1.4426950408889634
     # Each sparse kv block is covered by SPARSE_KV_BLOCK_SIZE // BLOCK_N steps.
     KV_STEPS: tl.constexpr = SPARSE_KV_BLOCK_SIZE // BLOCK_N
 
@@ -691,24 +711,29 @@ def _inner(
         else:
             k = tl.load(k_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_d[None, :] < QK_HEAD_DIM), other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=FLOAT32_PRECISION)
-        if not PRESCALE_QK:
-            qk *= SM_SCALE
 
         kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
-        tmp0 = (qk)
-        tmp1 = (off_h)
-        tmp2 = tl.load(in_ptr8 + tmp1)
-        tmp3 = (kv_idx)
-        tmp4 = (q_idx)
-        tmp5 = tmp3 - tmp4
-        tmp6 = tmp5.to(tl.float32)
-        tmp7 = tmp2 * tmp6
-        tmp8 = tmp0 + tmp7
-        post_mod_scores = tmp8
+        if SCORE_MOD_IS_IDENTITY:
+            # No score_mod: the scale is folded into EXP2_FACTOR below, so
+            # each score costs one multiply-add before exp2.
+            post_mod_scores = qk
+        else:
+            if not PRESCALE_QK:
+                qk *= SM_SCALE
+            tmp0 = (qk)
+            tmp1 = (off_h)
+            tmp2 = tl.load(in_ptr8 + tmp1)
+            tmp3 = (kv_idx)
+            tmp4 = (q_idx)
+            tmp5 = tmp3 - tmp4
+            tmp6 = tmp5.to(tl.float32)
+            tmp7 = tmp2 * tmp6
+            tmp8 = tmp0 + tmp7
+            post_mod_scores = tmp8
 
-        # The softmax needs a float32 tile whatever the mod returns: a
-        # captured float64 table promotes it, and a constant score is [1].
-        post_mod_scores, _ = tl.broadcast(post_mod_scores.to(tl.float32), qk)
+            # The softmax needs a float32 tile whatever the mod returns: a
+            # captured float64 table promotes it, and a constant score is [1].
+            post_mod_scores, _ = tl.broadcast(post_mod_scores.to(tl.float32), qk)
 
         if not IS_FULL_BLOCKS:
             tmp9 = tl.full([1], True, tl.int1)
@@ -719,15 +744,17 @@ def _inner(
             in_bounds = (offs_m[:, None] < Q_LEN) & (offs_n[None, :] < KV_LEN)
             post_mod_scores = tl.where(in_bounds, post_mod_scores, float("-inf"))
 
-        scores = post_mod_scores * LOG2E
-        m_ij = tl.maximum(m_i, tl.max(scores, 1))
+        # EXP2_FACTOR takes scores to the log2 domain (times the scale when it
+        # was folded). The row max is scaled per row, not per score, and the
+        # exp2 argument is one fused multiply-add.
+        m_ij = tl.maximum(m_i, tl.max(post_mod_scores, 1) * EXP2_FACTOR)
         if ROWS_GUARANTEED_SAFE:
             m_shift = m_ij
         else:
             # A row with nothing kept yet has m_ij == -inf; shifting by 0
             # instead keeps exp2 at 0 rather than NaN.
             m_shift = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.math.exp2(scores - m_shift[:, None])
+        p = tl.math.exp2(post_mod_scores * EXP2_FACTOR - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
