@@ -679,11 +679,16 @@ def _full_block_mask(
     qb, kvb = _pair(BLOCK_SIZE)
     nq, nkv = math.ceil(Q_LEN / qb), math.ceil(KV_LEN / kvb)
 
+    # Every tensor is a stride-0 view of one arange (counts[c] == c): one
+    # tensor creation instead of ten on every eager call without a mask.
+    counts = torch.arange(max(nq, nkv) + 1, dtype=torch.int32, device=device)
+
     def layout(rows: int, cols: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # Partial lists are empty; their padding is still valid indices.
-        indices = torch.arange(cols, dtype=torch.int32, device=device).expand(1, 1, rows, cols)
-        empty = torch.zeros(1, 1, rows, dtype=torch.int32, device=device)
-        return empty, indices.clone(), torch.full_like(empty, cols), indices.clone()
+        indices = counts[:cols].expand(1, 1, rows, cols)
+        empty = counts[:1].expand(1, 1, rows)
+        full = counts[cols : cols + 1].expand(1, 1, rows)
+        return empty, indices, full, indices
 
     kv_part, kv_idx, kv_full, kv_full_idx = layout(nq, nkv)
     q_part, q_idx, q_full, q_full_idx = layout(nkv, nq)
