@@ -217,6 +217,16 @@ def is_dynamo_compiling() -> bool:
     return torch.compiler.is_dynamo_compiling()
 
 
+def mark_static_address(tensor: torch.Tensor) -> None:
+    """Tell torch.compile that ``tensor`` keeps its address across calls.
+
+    A KV store updated in place by a compiled step is then a static input of
+    CUDA graphs (``mode="reduce-overhead"``) instead of a mutated input that
+    makes Inductor skip graph capture.
+    """
+    torch._dynamo.mark_static_address(tensor)
+
+
 def dynamo_recompile_limit(limit: int):
     """Raise Dynamo's per-function recompile limit, and fail loudly past it.
 
@@ -708,3 +718,30 @@ def tag_kernel_name(name: str) -> None:
     node = inductor_api().V.graph.current_node
     if node is not None:
         node.meta["original_aten"] = _kernel_name_tag(name)
+
+
+# --------------------------------------------------------------------------
+# Fast math (lowering/fast_math.py)
+# --------------------------------------------------------------------------
+
+
+@functools.cache
+def fast_math_api() -> SimpleNamespace:
+    """What the lowering of ``flex_inductor::tanh_approx`` needs from Inductor.
+
+    ``make_pointwise(fn)`` wraps ``fn`` (a function of ``ops`` values) into a
+    pointwise lowering; only its first argument is passed, which has the same
+    meaning on torch 2.11 and 2.13. ``exact_tanh`` is Inductor's own lowering
+    of ``aten.tanh``.
+    """
+    from torch._inductor.lowering import lowerings, make_pointwise
+
+    return SimpleNamespace(
+        make_pointwise=make_pointwise,
+        exact_tanh=lowerings[torch.ops.aten.tanh.default],
+    )
+
+
+def current_fx_node():
+    """The FX node Inductor is lowering now (the root graph's, inside a mod), or None."""
+    return getattr(inductor_api().V.graph, "current_node", None)

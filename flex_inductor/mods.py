@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from .fast_math import tanh_approx
+
 __all__ = [
     "alibi",
     "alibi_slopes",
@@ -108,24 +110,49 @@ def alibi(num_heads: int, device: torch.device | str | None = None) -> ScoreMod:
     return _named(score_mod, f"alibi_{num_heads}")
 
 
-def softcap(cap: float) -> ScoreMod:
+def softcap(cap: float, approx: bool | None = None) -> ScoreMod:
     """Logit soft-capping: ``cap * tanh(score / cap)``.
 
     Source: Gemma 2 (Gemma Team, 2024) and Grok-1 attention soft-capping.
 
+    The tanh is :func:`flex_inductor.fast_math.tanh_approx` unless
+    ``approx=False``: exact everywhere except inside compiled CUDA kernels,
+    where it is the PTX instruction ``tanh.approx.f32`` (relative error about
+    2^-11, so the capped score is off by at most about ``cap * 2^-11``). It
+    replaces libdevice's tanh, a long instruction sequence that otherwise
+    takes a large share of a soft-capped attention kernel's time.
+
     Args:
         cap: Largest magnitude of a capped score, ``> 0``.
+        approx: ``None`` (default): the fast tanh in CUDA kernels when the
+            attention's inputs are float16 or bfloat16, whose rounding error
+            is larger than the approximation's; exact for float32 inputs.
+            ``True``: the fast tanh in CUDA kernels for every dtype.
+            ``False``: always ``torch.tanh``.
 
     Returns:
-        A score_mod named ``softcap_<cap>`` (``softcap_2p5`` for 2.5).
+        A score_mod named ``softcap_<cap>`` (``softcap_2p5`` for 2.5), with a
+        suffix ``_approx`` for ``approx=True`` and ``_exact`` for ``approx=False``.
     """
     if not isinstance(cap, (int, float)) or isinstance(cap, bool) or not 0 < cap < math.inf:
         raise ValueError(f"softcap: `cap` must be a positive finite number, got {cap!r}")
+    if approx is not None and not isinstance(approx, bool):
+        raise ValueError(f"softcap: `approx` must be None, True or False, got {approx!r}")
+    name = f"softcap_{_number_name(cap)}"
+
+    if approx is False:
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return cap * torch.tanh(score / cap)
+
+        return _named(score_mod, f"{name}_exact")
+
+    low_precision_only = approx is None
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        return cap * torch.tanh(score / cap)
+        return cap * tanh_approx(score / cap, low_precision_only=low_precision_only)
 
-    return _named(score_mod, f"softcap_{_number_name(cap)}")
+    return _named(score_mod, name if approx is None else f"{name}_approx")
 
 
 def relative_position_bias(bias: torch.Tensor) -> ScoreMod:

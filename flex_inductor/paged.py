@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from flex_inductor import _compat
 from flex_inductor._mask_utils import name_of
 from flex_inductor.block_mask import _FULL, _PARTIAL, BlockMask
 
@@ -135,6 +136,11 @@ class PagedKVCache:
         self.physical_to_logical = torch.full(
             (self.max_batch, self.n_pages), UNASSIGNED, dtype=torch.int32, device=device
         )
+        # The store and the tables are only ever updated in place: telling
+        # torch.compile so lets a compiled decode step that writes the store
+        # run as a CUDA graph (mode="reduce-overhead") without copying it.
+        for tensor in (self.k_cache, self.v_cache, self.page_table, self.physical_to_logical):
+            _compat.mark_static_address(tensor)
         # Host mirrors of the tables' allocation state, so that reserve and
         # erase never read device memory. Free pages form a stack whose top
         # (the end) is the lowest page, so a fresh cache hands out 0, 1, 2...

@@ -8,6 +8,7 @@ from __future__ import annotations
 from flex_inductor import _compat
 from flex_inductor.op import flex_inductor_attention, flex_inductor_attention_backward
 
+from . import fast_math  # noqa: F401  (registers the lowering of tanh_approx)
 from .backward import lower_backward
 from .forward import lower_forward
 
