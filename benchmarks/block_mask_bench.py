@@ -1,10 +1,18 @@
 """Time create_block_mask on a document mask, next to torch's, with peak memory.
 
 Each case runs in a fresh process, so that the peak resident set size
-(``ru_maxrss``) it reports belongs to that case alone. Prints a GitHub-style
-table; ``--csv`` also writes the rows with torch version, device and date.
+(``ru_maxrss``) it reports belongs to that case alone; on CUDA the extra peak
+GPU memory comes from the caching allocator. Times are the median of
+``--repeats`` runs after a warm-up run (a full-size one up to
+``--warmup-max-len``; above it the run takes seconds and a small warm-up
+suffices), with fewer runs when they would take longer than ``--case-budget``
+seconds. torch's create_block_mask, which materialises the dense mask (about 10
+bytes a position at its peak), is skipped past ``TORCH_PEER_MAX_LEN``. Prints a
+GitHub-style table; ``--csv`` also writes the rows with torch version, device
+and date.
 
     python benchmarks/block_mask_bench.py                # 8k, 32k, 131072 on cpu
+    python benchmarks/block_mask_bench.py --device cuda  # 8k, 32k, 128k and 1M tokens
     python benchmarks/block_mask_bench.py --device cuda --lengths 8192 32768
 """
 
@@ -16,6 +24,7 @@ import dataclasses
 import datetime
 import multiprocessing
 import resource
+import statistics
 import sys
 import time
 
@@ -24,6 +33,13 @@ import time
 # (10 GiB at 32768), or an 80 GiB GPU (out of memory at 131072).
 # --torch-max-len overrides.
 TORCH_PEER_MAX_LEN = {"cpu": 32768, "cuda": 65536}
+# torch's measured peak, in bytes per (q, kv) position (10 GiB at 32768 on
+# both devices, 40 GiB at 65536 on the H100): the dense bool mask and its copies.
+TORCH_PEAK_BYTES_PER_POSITION = 10
+DEFAULT_LENGTHS = {"cpu": [8192, 32768, 131072], "cuda": [8192, 32768, 131072, 1048576]}
+# Longest length warmed up by a full-size run (one run at 131072 takes ~0.3 s
+# on an H100, ~25 s on a 2-core CPU).
+WARMUP_MAX_LEN = {"cpu": 32768, "cuda": 131072}
 MEAN_DOCUMENT_LEN = 2048
 
 
@@ -37,6 +53,8 @@ class Config:
     torch_max_len: int | None = None  # TORCH_PEER_MAX_LEN of the device when None
     repeats: int = 1
     seed: int = 0
+    warmup_max_len: int = 131072  # full-size warm-up run up to this length
+    case_budget: float = 60.0  # seconds of timed runs after which no new run starts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +65,7 @@ class Result:
     sparsity: float | None
     peak_device_mib: float | None = None
     note: str = ""
+    runs: int = 0
 
 
 def _max_rss_mib() -> float:
@@ -81,16 +100,23 @@ def _run_case(config: Config, queue) -> None:
     def document(b, h, q_idx, kv_idx):
         return doc[q_idx] == doc[kv_idx]
 
-    # Warm up the machinery (vmap, kernels) on a small case, outside the timing.
+    # Warm up the machinery (vmap, kernels, allocator) outside the timing: on a
+    # small case, then at full size where one run is short enough.
     create_block_mask(document, 1, 1, 256, 256, device=config.device)
+    # ru_maxrss is a high-water mark, so the full-size warm-up is inside it.
+    before = _max_rss_mib()
+    if config.seq_len <= config.warmup_max_len:
+        create_block_mask(
+            document, 1, 1, config.seq_len, config.seq_len, config.device, config.block_size
+        )
     on_cuda = config.device.startswith("cuda")
     if on_cuda:
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         allocated = torch.cuda.memory_allocated()
-    before = _max_rss_mib()
-    seconds = float("inf")
-    for _ in range(config.repeats):
+    times = []
+    while len(times) < config.repeats and sum(times) < config.case_budget:
         start = time.perf_counter()
         bm = create_block_mask(
             document,
@@ -103,12 +129,20 @@ def _run_case(config: Config, queue) -> None:
         )
         if on_cuda:
             torch.cuda.synchronize()
-        # Best of the repeats: the machine may be shared.
-        seconds = min(seconds, time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
         sparsity = bm.sparsity()
         del bm
     device_mib = (torch.cuda.max_memory_allocated() - allocated) / 2**20 if on_cuda else None
-    queue.put(Result(config, seconds, _max_rss_mib() - before, sparsity, device_mib))
+    queue.put(
+        Result(
+            config,
+            statistics.median(times),
+            _max_rss_mib() - before,
+            sparsity,
+            device_mib,
+            runs=len(times),
+        )
+    )
 
 
 def run(config: Config) -> Result:
@@ -116,7 +150,14 @@ def run(config: Config) -> Result:
     max_len = config.torch_max_len or TORCH_PEER_MAX_LEN.get(config.device.split(":")[0], 0)
     if config.impl == "torch" and config.seq_len > max_len:
         gib = config.seq_len**2 / 2**30
-        return Result(config, None, None, None, note=f"skipped: dense mask alone is {gib:.0f} GiB")
+        peak = TORCH_PEAK_BYTES_PER_POSITION * gib
+        return Result(
+            config,
+            None,
+            None,
+            None,
+            note=f"skipped: dense mask alone is {gib:.0f} GiB, ~{peak:.0f} GiB at its peak",
+        )
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_run_case, args=(config, queue))
@@ -142,9 +183,9 @@ def markdown_table(results: list[Result]) -> str:
     """GitHub-style table; the ratio column is torch time / our time."""
     ours = {r.config.seq_len: r for r in results if r.config.impl == "flex_inductor"}
     rows = [
-        "| impl | seq_len | device | threads | time (s) | peak RSS delta (MiB) "
+        "| impl | seq_len | device | threads | median time (s) | runs | peak RSS delta (MiB) "
         "| peak device memory (MiB) | sparsity (%) | torch time / ours | note |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         ratio = None
@@ -154,7 +195,7 @@ def markdown_table(results: list[Result]) -> str:
         rows.append(
             f"| {r.config.impl} | {r.config.seq_len} | {r.config.device} "
             f"| {r.config.threads or torch_threads()} "
-            f"| {_fmt(r.seconds, '.3f')} | {_fmt(r.peak_rss_delta_mib, '.0f')} "
+            f"| {_fmt(r.seconds, '.3f')} | {r.runs} | {_fmt(r.peak_rss_delta_mib, '.0f')} "
             f"| {_fmt(r.peak_device_mib, '.0f')} "
             f"| {_fmt(r.sparsity, '.2f')} | {_fmt(ratio, '.2f')} | {r.note} |"
         )
@@ -177,6 +218,7 @@ def write_csv(path: str, results: list[Result]) -> None:
                 "device",
                 "device_name",
                 "seconds",
+                "runs",
                 "peak_rss_delta_mib",
                 "peak_device_mib",
                 "sparsity",
@@ -194,6 +236,7 @@ def write_csv(path: str, results: list[Result]) -> None:
                     r.config.device,
                     device_name,
                     r.seconds,
+                    r.runs,
                     r.peak_rss_delta_mib,
                     r.peak_device_mib,
                     r.sparsity,
@@ -208,10 +251,16 @@ def write_csv(path: str, results: list[Result]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", help="default: 8k, 32k, 128k (and 1M on cuda)"
+    )
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads in each case")
-    parser.add_argument("--repeats", type=int, default=1, help="report the best of N runs")
+    parser.add_argument("--repeats", type=int, default=3, help="report the median of N runs")
+    parser.add_argument(
+        "--case-budget", type=float, default=60.0, help="no new timed run after this many s"
+    )
+    parser.add_argument("--warmup-max-len", type=int, help="longest full-size warm-up run")
     parser.add_argument("--no-torch", action="store_true", help="skip torch's create_block_mask")
     parser.add_argument(
         "--torch-max-len", type=int, help="longest length to run torch's at (default by device)"
@@ -220,8 +269,11 @@ def main() -> None:
     args = parser.parse_args()
 
     impls = ["flex_inductor"] if args.no_torch else ["flex_inductor", "torch"]
+    kind = "cpu" if args.device == "cpu" else "cuda"
+    lengths = args.lengths or DEFAULT_LENGTHS[kind]
+    warmup_max_len = args.warmup_max_len or WARMUP_MAX_LEN[kind]
     results = []
-    for seq_len in args.lengths:
+    for seq_len in lengths:
         for impl in impls:
             config = Config(
                 impl,
@@ -231,6 +283,8 @@ def main() -> None:
                 threads=args.threads,
                 torch_max_len=args.torch_max_len,
                 repeats=args.repeats,
+                warmup_max_len=warmup_max_len,
+                case_budget=args.case_budget,
             )
             result = run(config)
             print(f"{impl} {seq_len}: {result.seconds} s", file=sys.stderr, flush=True)
