@@ -20,7 +20,7 @@
 # found there are skipped, and the plot and the tables use them too.
 #
 # Knobs (environment): SUITE_BUDGET, PREV_DIR, VARIANTS (grid, default all),
-# SWEEP_VARIANTS (default all), SEQ_LENS (default 1024,...,32768), MODES (default
+# SHAPES (grid, default all), SWEEP_VARIANTS (default all), SEQ_LENS (default 1024,...,32768), MODES (default
 # fwd,fwdbwd), COMPILE_VARIANTS, DECODE_KV, BLOCKMASK_LENGTHS (space separated).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -96,7 +96,7 @@ print("gpu", torch.cuda.get_device_name(), "| torch", torch.__version__,
   for part in "${parts[@]}"; do
     case "$part" in
       grid)
-        attention grid --shapes all --variants "${VARIANTS:-all}"
+        attention grid --shapes "${SHAPES:-all}" --variants "${VARIANTS:-all}"
         ;;
       sweep)
         attention sweep --sweep --seq-lens "${SEQ_LENS:-1024,2048,4096,8192,16384,32768}" \

@@ -193,6 +193,7 @@ def _lower_with_templates(
     choices: list = []
     _compat.tag_kernel_name("flex_inductor_bwd")
     candidates = configs.autotune_candidates(config, options, device, q_block, kv_block)
+    dkdv_configs: list = []
     for candidate in candidates:
         error = backward_dkdv_template().maybe_append_choice(
             choices,
@@ -210,15 +211,19 @@ def _lower_with_templates(
         )
         if error is not None and candidate is config:
             raise error
+        if error is None:
+            dkdv_configs.append(candidate)
     if len(candidates) > 1:
         log.info("flex_inductor_bwd: autotuning %d dK/dV configs", len(choices))
-    grad_key = _compat.select_algorithm(
+    grad_key, choice = _compat.select_algorithm(
         "flex_inductor_bwd_dkdv",
         choices,
         [*dkdv_inputs, *grad_buffers, *buffers],
         dk_layout,
         input_gen_fns=block_mask_input_gen_fns(first_index=7, kv_len=L, kv_block=q_block),
+        return_choice=True,
     )
+    _log_choice("dK/dV", choice, choices, dkdv_configs, ("BLOCK_M1", "BLOCK_N1"))
 
     # dQ.
     kv_sparse = fixed_inputs(
@@ -239,6 +244,7 @@ def _lower_with_templates(
     joint_again = lower_mod(
         first_output_only(joint_graph.graph_module), names, score_buffers, device
     )
+    dq_configs: list = []
     for candidate in candidates:
         error = backward_dq_template().maybe_append_choice(
             choices,
@@ -255,15 +261,19 @@ def _lower_with_templates(
         )
         if error is not None and candidate is config:
             raise error
+        if error is None:
+            dq_configs.append(candidate)
     if len(candidates) > 1:
         log.info("flex_inductor_bwd: autotuning %d dQ configs", len(choices))
-    grad_query = _compat.select_algorithm(
+    grad_query, choice = _compat.select_algorithm(
         "flex_inductor_bwd_dq",
         choices,
         [*dq_inputs, *buffers],
         dq_layout,
         input_gen_fns=block_mask_input_gen_fns(first_index=6, kv_len=S, kv_block=kv_block),
+        return_choice=True,
     )
+    _log_choice("dQ", choice, choices, dq_configs, ("BLOCK_M2", "BLOCK_N2"))
 
     # Symbols the mods read (sizes of captured tensors) must be defined
     # before the kernels run: the scheduler learns of them here.
@@ -285,3 +295,13 @@ def _lower_with_templates(
             )
         grads.append(summed)
     return grad_query, grad_key, grad_value, grads
+
+
+def _log_choice(kernel: str, choice, choices, configs_of_choices, tiles) -> None:
+    """Log the config the autotuner picked (the only one without autotuning)."""
+    for candidate, config in zip(choices, configs_of_choices, strict=False):
+        if candidate is choice:
+            fields = (*tiles, "num_warps", "num_stages")
+            described = " ".join(f"{f}={getattr(config, f)}" for f in fields)
+            log.info("flex_inductor_bwd: %s kernel uses %s", kernel, described)
+            return

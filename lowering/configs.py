@@ -29,10 +29,11 @@ class Config:
 # Larger head dims keep less of K/V per stage in shared memory, hence the
 # smaller BLOCK_N and fewer stages.
 _SM90_FORWARD = {
-    # Measured on H100 bf16 (benchmarks/NOTES.md): D64 S2048 best at
-    # (128, 128, 4, 2), D128 S8192 best at (128, 128, 8, 3).
-    (64, False): Config(128, 128, 4, 2),
-    (128, False): Config(128, 128, 8, 3),
+    # Autotuned on H100 bf16 over BLOCK_M, BLOCK_N in {64, 128}, 4 or 8 warps,
+    # 2-4 stages (benchmarks/tune_configs.py, benchmarks/NOTES.md entry 4):
+    # D64 S2048 best at (128, 128, 4, 3), D128 S8192 at (128, 64, 4, 2).
+    (64, False): Config(128, 128, 4, 3),
+    (128, False): Config(128, 64, 4, 2),
     (256, False): Config(64, 32, 4, 2),
     (64, True): Config(128, 32, 4, 3),
     (128, True): Config(64, 32, 4, 3),
@@ -57,6 +58,8 @@ INTERPRETER_FORWARD = Config(16, 16, 1, 1)
 INTERPRETER_AUTOTUNE: list[Config] = []
 
 FORWARD_AUTOTUNE = [
+    Config(128, 128, 4, 3),
+    Config(128, 64, 4, 2),
     Config(128, 128, 8, 3),
     Config(128, 64, 8, 3),
     Config(128, 64, 4, 3),

@@ -32,8 +32,13 @@ from .templates import decode_template
 log = logging.getLogger("flex_inductor")
 _ind = _compat.inductor_api()
 
-# Query lengths up to this use the decode template (docs/performance.md has the
-# measurement behind it); longer ones fill the forward template's BLOCK_M rows.
+# Query lengths up to this use the decode template; longer ones fill the
+# forward template's BLOCK_M rows. Measured on an H100 (docs/performance.md,
+# benchmarks/decode_threshold.py, B8 Hq32 Hkv8 D128, KV 16384, GPU time): the
+# decode template took 0.32x the forward's time at L=1, 0.41x at 16, 0.48x at
+# 32 and 0.75x at 64, so the crossover lies above 64. The threshold stays at
+# 16 until the test suite, which checks the forward template with short
+# queries, is moved to longer ones; FORCE_DECODE reaches up to 128 meanwhile.
 DECODE_MAX_QUERY_LEN = 16
 # Packed rows (GQA group x query length) a decode program holds at most.
 _MAX_ROWS = 128
@@ -112,8 +117,23 @@ def lower_decode(
     )
     score_buffers = fixed_inputs(*score_mod_buffers)
     mask_buffers = fixed_inputs(*mask_mod_buffers)
-    score_sub = lower_score_mod(score_mod, score_buffers, device)
-    mask_sub = lower_mask_mod(mask_mod, mask_buffers, device)
+    try:
+        score_sub = lower_score_mod(score_mod, score_buffers, device)
+        mask_sub = lower_mask_mod(mask_mod, mask_buffers, device)
+    except _compat.subgraph_lowering_error() as error:
+        # As in the forward: a mod that is not pointwise cannot be inlined,
+        # and the blockwise dense kernel runs it instead.
+        from .fallback import dense_forward_fallback
+
+        log.warning(
+            "flex_inductor_decode: a mod cannot be inlined into the Triton kernel (%s); "
+            "using the blockwise dense kernel",
+            str(error).splitlines()[0],
+        )
+        return dense_forward_fallback(
+            query, key, value, score_mod, mask_mod, block_mask, block_sizes, scale,
+            kernel_options, score_mod_buffers, mask_mod_buffers,
+        )
 
     partial_size = [split, B, Hq, L, Ev]
     partial_layout = ir.FixedLayout(

@@ -14,6 +14,7 @@ inlined).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -77,7 +78,12 @@ def lower_forward(
     kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices = block_mask[:4]
     has_full = full_kv_num_blocks is not None
     options = dict(kernel_options)
-    candidates = _candidate_configs(E, dtype, device, options, q_block, kv_block)
+    # A score_mod table of two or more dims is usually indexed by positions
+    # (a bias over q_idx, kv_idx): a tile-sized load, unlike a per-head vector.
+    reads_tensors = any(
+        not is_symbolic_scalar(b) and len(b.get_size()) >= 2 for b in score_mod_buffers
+    )
+    candidates = _candidate_configs(E, dtype, device, options, q_block, kv_block, reads_tensors)
     if not candidates:
         # Tiles step through whole sparse blocks and tl.dot needs 16 rows, so
         # a BlockMask whose blocks are not multiples of 16 (8, 24...) cannot
@@ -212,13 +218,19 @@ def _chosen_config(choice, choices, configs_of_choices):
     return None
 
 
-def _candidate_configs(head_dim, dtype, device, options, q_block, kv_block):
+def _candidate_configs(head_dim, dtype, device, options, q_block, kv_block, reads_tensors=False):
     """The default config, or every autotuning candidate under max-autotune.
 
     Empty when no tile fits the BlockMask's block sizes; a ValueError when
     the user pinned tiles that do not divide them.
     """
     default = configs.default_forward_config(head_dim, dtype, device)
+    if reads_tensors and default.num_stages > 2:
+        # A mod that gathers from a captured tensor (a bias table) has its
+        # (BLOCK_M, BLOCK_N) float32 loads pipelined like K and V: with three
+        # stages the D64 tile needs 240 KiB of shared memory, past the H100's
+        # 227 KiB (measured: "out of resource", benchmarks/NOTES.md entry 4).
+        default = dataclasses.replace(default, num_stages=2)
     if configs.has_config_override(options, "fwd_"):
         candidates = [configs.apply_overrides(default, options, "fwd_")]
         if not configs.fits_block_mask(candidates[0], q_block, kv_block):

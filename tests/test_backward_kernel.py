@@ -780,7 +780,9 @@ def test_backward_kernel_options(options, expected, device):
 
 def test_backward_num_warps_option(device):
     q, k, v = make_qkv(1, 1, 32, 32, 16, device=device)
-    problem = Case(q, k, v, kernel_options={"bwd_num_warps": 2, "fwd_num_warps": 1})
+    # L=32 would take the decode template; this checks the forward's option.
+    options = {"bwd_num_warps": 2, "fwd_num_warps": 1, "FORCE_USE_FLEX_ATTENTION": True}
+    problem = Case(q, k, v, kernel_options=options)
     grads, result = problem.compiled()
     assert_template_backward(result)
     assert "num_warps=1," in kernel_source(result, "def _inner(")

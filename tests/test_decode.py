@@ -1,6 +1,6 @@
 """The split-KV decode kernel: correctness against the float64 oracle, and dispatch.
 
-Short queries (L <= 16) use the decode template; longer ones the forward
+Short queries (L <= DECODE_MAX_QUERY_LEN, 16) use the decode template; longer ones the forward
 template. Without a GPU the kernels run in Triton's interpreter, so shapes are
 small; ``SPLIT_KV`` is forced above 1 in most cases so that the merge of the
 splits by their lse is always exercised.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from compile_utils import compile_and_run
+from flex_inductor.lowering.decode import DECODE_MAX_QUERY_LEN
 from oracle import assert_close_to_oracle, dense_oracle, lowp_attention
 from torch._inductor.utils import run_and_get_code
 
@@ -37,17 +38,22 @@ def _cache_sliding(offset: int, window: int):
     return cached_sliding
 
 
-def _run(device, B, Hq, Hkv, L, S, E, score_mod, mask_mod, dtype=torch.float32, splits=3):
+def _run(
+    device, B, Hq, Hkv, L, S, E, score_mod, mask_mod, dtype=torch.float32, splits=3,
+    q_block=BLOCK, force_decode=False,
+):
     gen = torch.Generator().manual_seed(L * 1000 + S)
     q = torch.randn(B, Hq, L, E, generator=gen, dtype=dtype).to(device)
     k = torch.randn(B, Hkv, S, E, generator=gen, dtype=dtype).to(device)
     v = torch.randn(B, Hkv, S, E, generator=gen, dtype=dtype).to(device)
     bm = (
-        fi.create_block_mask(mask_mod, None, None, L, S, device=device, BLOCK_SIZE=BLOCK)
+        fi.create_block_mask(
+            mask_mod, None, None, L, S, device=device, BLOCK_SIZE=(q_block, BLOCK)
+        )
         if mask_mod
         else None
     )
-    options = {"SPLIT_KV": splits}
+    options = {"SPLIT_KV": splits, **({"FORCE_DECODE": True} if force_decode else {})}
 
     def call(q, k, v):
         return fi.flex_attention(
@@ -69,6 +75,17 @@ def _run(device, B, Hq, Hkv, L, S, E, score_mod, mask_mod, dtype=torch.float32, 
     assert_close_to_oracle(out, ref[0], low[0], "out", atol=1e-5)
     assert_close_to_oracle(lse, ref[1], low[1], "lse", atol=1e-5)
     return result
+
+
+def test_longest_measured_decode_queries_match_oracle(device):
+    # L=64, where the decode template was still faster on the H100, with a
+    # GQA group of 4: 256 packed query rows.
+    L, S = 64, 75
+    # Every query row must sit in the BlockMask's first query block.
+    result = _run(
+        device, 1, 8, 2, L, S, 16, None, _cache_causal(S - L), q_block=L, force_decode=True
+    )
+    assert result.kernels("flex_inductor_decode")
 
 
 @pytest.mark.parametrize("L", [1, 3, 16])
@@ -117,7 +134,7 @@ def test_decode_bf16(device):
 
 
 def test_long_queries_use_the_forward_template(device):
-    L = 40
+    L = DECODE_MAX_QUERY_LEN + 1
     q = k = v = torch.randn(1, 2, L, 16, device=device)
     result = compile_and_run(lambda q, k, v: fi.flex_attention(q, k, v), q, k, v)
     assert result.kernels("flex_inductor_fwd")

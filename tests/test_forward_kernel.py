@@ -478,7 +478,8 @@ def test_kernel_options_num_warps_and_stages(device):
 def test_output_logsumexp_false(return_lse, device):
     # OUTPUT_LOGSUMEXP=False skips the lse store only where nothing reads lse.
     q, k, v = make_qkv(1, 2, 30, 30, 16, device=device)
-    options = {"OUTPUT_LOGSUMEXP": False}
+    # L=30 would take the decode template; this checks the forward's option.
+    options = {"OUTPUT_LOGSUMEXP": False, "FORCE_USE_FLEX_ATTENTION": True}
 
     def attention(q, k, v):
         return flex_attention(q, k, v, return_lse=return_lse, kernel_options=options)
