@@ -25,6 +25,7 @@ from flex_inductor import _compat
 from . import backward_configs as configs
 from .common import (
     block_mask_input_gen_fns,
+    chosen_config,
     declare_subgraph_symbols,
     device_can_use_templates,
     exp2_factor,
@@ -299,9 +300,8 @@ def _lower_with_templates(
 
 def _log_choice(kernel: str, choice, choices, configs_of_choices, tiles) -> None:
     """Log the config the autotuner picked (the only one without autotuning)."""
-    for candidate, config in zip(choices, configs_of_choices, strict=False):
-        if candidate is choice:
-            fields = (*tiles, "num_warps", "num_stages")
-            described = " ".join(f"{f}={getattr(config, f)}" for f in fields)
-            log.info("flex_inductor_bwd: %s kernel uses %s", kernel, described)
-            return
+    config = chosen_config(choice, choices, configs_of_choices)
+    if config is not None:
+        fields = (*tiles, "num_warps", "num_stages")
+        described = " ".join(f"{f}={getattr(config, f)}" for f in fields)
+        log.info("flex_inductor_bwd: %s kernel uses %s", kernel, described)

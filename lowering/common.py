@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import operator
 
 import sympy
@@ -13,6 +14,7 @@ from flex_inductor._subgraphs import INDEX_DTYPE, SCORE_DTYPE
 from .subgraph import lower_mod
 
 _ind = _compat.inductor_api()
+log = logging.getLogger("flex_inductor")
 
 # Dtypes the Triton templates compute with (tl.dot has no float64 on GPUs).
 TEMPLATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -192,3 +194,32 @@ def exp2_factor(scale: float, fold_scale: bool) -> float:
     """The factor taking a raw (or already scaled) score to the log2 domain."""
     log2e = 1.4426950408889634
     return log2e * scale if fold_scale else log2e
+
+
+def lower_mods_or_warn(kernel: str, score_mod, mask_mod, score_buffers, mask_buffers, device):
+    """Both mods lowered for inlining, or None (with a warning) if one cannot be.
+
+    A mod that is not pointwise (``table[q_idx].sum()`` reduces) cannot be
+    inlined into a kernel; the caller then runs the blockwise dense kernel,
+    correct and memory-bounded, only slower.
+    """
+    try:
+        return (
+            lower_score_mod(score_mod, score_buffers, device),
+            lower_mask_mod(mask_mod, mask_buffers, device),
+        )
+    except _compat.subgraph_lowering_error() as error:
+        log.warning(
+            "%s: a mod cannot be inlined into the Triton kernel (%s); "
+            "using the blockwise dense kernel",
+            kernel, str(error).splitlines()[0],
+        )
+        return None
+
+
+def chosen_config(choice, choices, configs_of_choices):
+    """The config of the choice the autotuner picked (None if unknown)."""
+    for candidate, config in zip(choices, configs_of_choices, strict=False):
+        if candidate is choice:
+            return config
+    return None

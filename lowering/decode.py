@@ -21,8 +21,7 @@ from .common import (
     fixed_inputs,
     float32_precision,
     is_symbolic_scalar,
-    lower_mask_mod,
-    lower_score_mod,
+    lower_mods_or_warn,
     rounded_head_dim,
     static_float,
     static_int,
@@ -117,23 +116,17 @@ def lower_decode(
     )
     score_buffers = fixed_inputs(*score_mod_buffers)
     mask_buffers = fixed_inputs(*mask_mod_buffers)
-    try:
-        score_sub = lower_score_mod(score_mod, score_buffers, device)
-        mask_sub = lower_mask_mod(mask_mod, mask_buffers, device)
-    except _compat.subgraph_lowering_error() as error:
-        # As in the forward: a mod that is not pointwise cannot be inlined,
-        # and the blockwise dense kernel runs it instead.
+    subs = lower_mods_or_warn(
+        "flex_inductor_decode", score_mod, mask_mod, score_buffers, mask_buffers, device
+    )
+    if subs is None:
         from .fallback import dense_forward_fallback
 
-        log.warning(
-            "flex_inductor_decode: a mod cannot be inlined into the Triton kernel (%s); "
-            "using the blockwise dense kernel",
-            str(error).splitlines()[0],
-        )
         return dense_forward_fallback(
             query, key, value, score_mod, mask_mod, block_mask, block_sizes, scale,
             kernel_options, score_mod_buffers, mask_mod_buffers,
         )
+    score_sub, mask_sub = subs
 
     partial_size = [split, B, Hq, L, Ev]
     partial_layout = ir.FixedLayout(

@@ -25,6 +25,7 @@ from flex_inductor import _compat
 from . import configs
 from .common import (
     block_mask_input_gen_fns,
+    chosen_config,
     declare_subgraph_symbols,
     describe_config,
     device_can_use_templates,
@@ -34,8 +35,7 @@ from .common import (
     interpret_mode,
     is_identity_score_mod,
     is_symbolic_scalar,
-    lower_mask_mod,
-    lower_score_mod,
+    lower_mods_or_warn,
     output_is_used,
     rounded_head_dim,
     sizes_are_static_multiple,
@@ -103,19 +103,12 @@ def lower_forward(
     )
     score_buffers = fixed_inputs(*score_mod_buffers)
     mask_buffers = fixed_inputs(*mask_mod_buffers)
-    try:
-        score_sub = lower_score_mod(score_mod, score_buffers, device)
-        mask_sub = lower_mask_mod(mask_mod, mask_buffers, device)
-    except _compat.subgraph_lowering_error() as error:
-        # A mod that is not pointwise (``table[q_idx].sum()`` reduces) cannot
-        # be inlined into the kernel; the blockwise dense kernel still runs
-        # it, correctly and memory-bounded, only slower.
-        log.warning(
-            "flex_inductor_fwd: a mod cannot be inlined into the Triton kernel (%s); "
-            "using the blockwise dense kernel",
-            str(error).splitlines()[0],
-        )
+    subs = lower_mods_or_warn(
+        "flex_inductor_fwd", score_mod, mask_mod, score_buffers, mask_buffers, device
+    )
+    if subs is None:
         return dense_forward_fallback(*fallback_args)
+    score_sub, mask_sub = subs
 
     out_layout = ir.FixedLayout(
         device, dtype, [B, Hq, L, Ev], ir.FlexibleLayout.contiguous_strides([B, Hq, L, Ev])
@@ -194,7 +187,7 @@ def lower_forward(
         input_gen_fns=block_mask_input_gen_fns(first_index=4, kv_len=S, kv_block=kv_block),
         return_choice=True,
     )
-    chosen = _chosen_config(choice, choices, configs_of_choices)
+    chosen = chosen_config(choice, choices, configs_of_choices)
     if len(choices) > 1:
         log.info(
             "flex_inductor_fwd: autotuning took %.1f s; chose %s for %s",
@@ -208,14 +201,6 @@ def lower_forward(
         out, [*score_buffers, *mask_buffers], [score_sub, mask_sub]
     )
     return out, lse
-
-
-def _chosen_config(choice, choices, configs_of_choices):
-    """The config of the choice the autotuner picked (None if unknown)."""
-    for candidate, config in zip(choices, configs_of_choices, strict=False):
-        if candidate is choice:
-            return config
-    return None
 
 
 def _candidate_configs(head_dim, dtype, device, options, q_block, kv_block, reads_tensors=False):

@@ -642,3 +642,22 @@ def test_realistic_size_on_gpu(case_name, dtype):
     block_mask = block_mask_for(built.mask_mod, dims, block_size=128)
     q, k, v = make_qkv(dims.B, dims.H, dims.L, dims.S, 128, Hkv=4, dtype=dtype, device="cuda")
     check_compiled(q, k, v, built.score_mod, block_mask, enable_gqa=True)
+
+
+@pytest.mark.parametrize("reads_tables, stages", [(False, 3), (True, 2)])
+def test_position_indexed_tables_cap_pipeline_stages(monkeypatch, reads_tables, stages):
+    # A 3-stage D64 tile with a float32 bias gather ran out of shared memory on
+    # the H100: mods reading 2-D tables get at most 2 stages (not pinned ones).
+    from flex_inductor.lowering import configs, forward
+
+    monkeypatch.setattr(
+        configs, "default_forward_config", lambda *args: configs.Config(128, 128, 4, 3)
+    )
+    (config,) = forward._candidate_configs(
+        64, torch.bfloat16, torch.device("cpu"), {}, 128, 128, reads_tables
+    )
+    assert config.num_stages == stages
+    (pinned,) = forward._candidate_configs(
+        64, torch.bfloat16, torch.device("cpu"), {"num_stages": 3}, 128, 128, reads_tables
+    )
+    assert pinned.num_stages == 3
