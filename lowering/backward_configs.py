@@ -25,7 +25,11 @@ _SM90 = {
     # H100 bf16 B8 H16 S2048 D64 sweep: 274 TF/s fwd+bwd against 261 for
     # (64, 128, 128, 64, 8, 3) (benchmarks/NOTES.md).
     64: BackwardConfig(32, 128, 64, 64, 4, 3),
-    128: BackwardConfig(64, 128, 128, 64, 8, 2),
+    # H100 bf16 B4 H16 S8192 D128 autotune (benchmarks/tune_all.sh, NOTES.md
+    # entry 7): (64, 64) tiles with 4 warps and 2 stages were the fastest dK/dV
+    # for noop and ALiBi, and the fastest (ALiBi) or within 5% of it (noop) for
+    # dQ; the former (64, 128, 128, 64, 8, 2) was 8% (dK/dV) and 5%+ (dQ) slower.
+    128: BackwardConfig(64, 64, 64, 64, 4, 2),
     256: BackwardConfig(32, 64, 64, 32, 4, 1),
 }
 _GENERIC = {

@@ -25,19 +25,39 @@ class Config:
     num_stages: int
 
 
+# What a score_mod costs per score, beyond the two dots and the exp2; it moves
+# the best tile (register pressure, shared memory), so the defaults depend on it.
+POINTWISE = "pointwise"  # no score_mod, or maths on the score alone (softcap)
+POSITIONAL = "positional"  # integer arithmetic on q_idx/kv_idx per score (ALiBi)
+TABLE = "table"  # gathers a captured table of 2+ dims per score (learned bias)
+SCORE_MOD_KINDS = (POINTWISE, POSITIONAL, TABLE)
+
 # Forward defaults on Hopper, keyed by (head dim upper bound, dtype is fp32).
 # Larger head dims keep less of K/V per stage in shared memory, hence the
 # smaller BLOCK_N and fewer stages.
 _SM90_FORWARD = {
-    # Autotuned on H100 bf16 over BLOCK_M, BLOCK_N in {64, 128}, 4 or 8 warps,
-    # 2-4 stages (benchmarks/tune_configs.py, benchmarks/NOTES.md entry 4):
-    # D64 S2048 best at (128, 128, 4, 3), D128 S8192 at (128, 64, 4, 2).
+    # Autotuned on H100 bf16 over BLOCK_M in {64, 128}, BLOCK_N in {32, 64,
+    # 128}, 4 or 8 warps, 2-3 stages (benchmarks/tune_all.sh, NOTES.md entry 7):
+    # D64 S2048 noop, causal, softcap+causal and document within 2% of their
+    # best at (128, 128, 4, 3); D128 S8192 best at (128, 128, 8, 3) for causal,
+    # softcap+causal, ALiBi and document (by 7-10% over (128, 64, 4, 2)), and
+    # within 1% of the best for noop.
     (64, False): Config(128, 128, 4, 3),
-    (128, False): Config(128, 64, 4, 2),
+    (128, False): Config(128, 128, 8, 3),
     (256, False): Config(64, 32, 4, 2),
     (64, True): Config(128, 32, 4, 3),
     (128, True): Config(64, 32, 4, 3),
     (256, True): Config(32, 32, 4, 2),
+}
+# Hopper, bf16/fp16, where the score_mod kind moves the best config (same
+# tuning runs). ALiBi's per-score integer tile at D64 wants half the columns
+# (9% faster than the next best); a per-score table gather is pipelined
+# through shared memory like K and V, so it wants fewer stages and smaller
+# tiles (D128: 236 TF/s at (64, 64, 4, 2) against 162 at (128, 64, 4, 2)).
+_SM90_FORWARD_BY_KIND = {
+    (64, POSITIONAL): Config(128, 64, 4, 3),
+    (64, TABLE): Config(128, 64, 4, 1),
+    (128, TABLE): Config(64, 64, 4, 2),
 }
 # Everything else with a CUDA device (Ampere and older): smaller tiles.
 _GENERIC_FORWARD = {
@@ -78,13 +98,30 @@ def _table_lookup(table: dict, head_dim: int, is_fp32: bool) -> Config:
     return table[(256, is_fp32)]
 
 
-def default_forward_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Config:
-    """The forward config used when not autotuning."""
+def default_forward_config(
+    head_dim: int, dtype: torch.dtype, device: torch.device, score_mod_kind: str = POINTWISE
+) -> Config:
+    """The forward config used when not autotuning.
+
+    Args:
+        head_dim: The query/key head dim.
+        dtype: The inputs' dtype.
+        device: The inputs' device.
+        score_mod_kind: One of ``SCORE_MOD_KINDS``: what the score_mod does per score.
+
+    Returns:
+        The config of the tables above.
+    """
     if device.type != "cuda":
         return INTERPRETER_FORWARD
     major, _ = torch.cuda.get_device_capability(device)
-    table = _SM90_FORWARD if major >= 9 else _GENERIC_FORWARD
-    return _table_lookup(table, head_dim, dtype == torch.float32)
+    if major < 9:
+        return _table_lookup(_GENERIC_FORWARD, head_dim, dtype == torch.float32)
+    bound = next((b for b in (64, 128) if head_dim <= b), None)
+    by_kind = _SM90_FORWARD_BY_KIND.get((bound, score_mod_kind))
+    if by_kind is not None and dtype != torch.float32:
+        return by_kind
+    return _table_lookup(_SM90_FORWARD, head_dim, dtype == torch.float32)
 
 
 def apply_overrides(config: Config, options: dict, prefix: str) -> Config:

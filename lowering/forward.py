@@ -78,12 +78,8 @@ def lower_forward(
     kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices = block_mask[:4]
     has_full = full_kv_num_blocks is not None
     options = dict(kernel_options)
-    # A score_mod table of two or more dims is usually indexed by positions
-    # (a bias over q_idx, kv_idx): a tile-sized load, unlike a per-head vector.
-    reads_tensors = any(
-        not is_symbolic_scalar(b) and len(b.get_size()) >= 2 for b in score_mod_buffers
-    )
-    candidates = _candidate_configs(E, dtype, device, options, q_block, kv_block, reads_tensors)
+    kind = _score_mod_kind(score_mod, mask_mod)
+    candidates = _candidate_configs(E, dtype, device, options, q_block, kv_block, kind)
     if not candidates:
         # Tiles step through whole sparse blocks and tl.dot needs 16 rows, so
         # a BlockMask whose blocks are not multiples of 16 (8, 24...) cannot
@@ -203,14 +199,62 @@ def lower_forward(
     return out, lse
 
 
-def _candidate_configs(head_dim, dtype, device, options, q_block, kv_block, reads_tensors=False):
+def _score_mod_kind(score_mod, mask_mod) -> str:
+    """What the mods do per score (``configs.SCORE_MOD_KINDS``), for the default config."""
+    # A captured table indexed by both positions (a bias over q_idx - kv_idx,
+    # a dense mask lookup) is a tile-sized gather, which Triton pipelines
+    # through shared memory like K and V. Vectors indexed by one position (a
+    # document id per token) or by the head are not.
+    if _gathers_tile(score_mod, first_position=3) or _gathers_tile(mask_mod, first_position=2):
+        return configs.TABLE
+    # Positions read by the score_mod make an integer tile per score (ALiBi's
+    # kv_idx - q_idx), which costs registers; a mask_mod's tile is only
+    # evaluated on partial blocks.
+    score_args = _placeholders(score_mod)
+    if any(n.users for n in score_args[3:5]):
+        return configs.POSITIONAL
+    return configs.POINTWISE
+
+
+def _placeholders(subgraph) -> list:
+    return [n for n in subgraph.graph_module.graph.nodes if n.op == "placeholder"]
+
+
+def _gathers_tile(subgraph, first_position: int) -> bool:
+    """Whether the mod reads a captured tensor at indices built from both q_idx and kv_idx.
+
+    Args:
+        subgraph: The mod's subgraph, arguments ``(..., q_idx, kv_idx, *captured)``.
+        first_position: Where q_idx is among the arguments (3 for a score_mod,
+            2 for a mask_mod); captured tensors follow kv_idx.
+    """
+    args = _placeholders(subgraph)
+    q_idx, kv_idx = args[first_position : first_position + 2]
+    captured = set(args[first_position + 2 :])
+    reads = {}  # node -> which of q_idx, kv_idx it depends on
+    for node in subgraph.graph_module.graph.nodes:
+        inputs = node.all_input_nodes
+        reads[node] = {node} & {q_idx, kv_idx} or set().union(*(reads[a] for a in inputs))
+        if node.target not in _GATHERS or not captured & set(inputs):
+            continue
+        if set().union(*(reads[a] for a in inputs if a not in captured)) == {q_idx, kv_idx}:
+            return True
+    return False
+
+
+_GATHERS = (torch.ops.aten.index.Tensor, torch.ops.aten.gather.default, torch.ops.aten.take.default)
+
+
+def _candidate_configs(
+    head_dim, dtype, device, options, q_block, kv_block, score_mod_kind=configs.POINTWISE
+):
     """The default config, or every autotuning candidate under max-autotune.
 
     Empty when no tile fits the BlockMask's block sizes; a ValueError when
     the user pinned tiles that do not divide them.
     """
-    default = configs.default_forward_config(head_dim, dtype, device)
-    if reads_tensors and default.num_stages > 2:
+    default = configs.default_forward_config(head_dim, dtype, device, score_mod_kind)
+    if score_mod_kind == configs.TABLE and default.num_stages > 2:
         # A mod that gathers from a captured tensor (a bias table) has its
         # (BLOCK_M, BLOCK_N) float32 loads pipelined like K and V: with three
         # stages the D64 tile needs 240 KiB of shared memory, past the H100's

@@ -644,8 +644,8 @@ def test_realistic_size_on_gpu(case_name, dtype):
     check_compiled(q, k, v, built.score_mod, block_mask, enable_gqa=True)
 
 
-@pytest.mark.parametrize("reads_tables, stages", [(False, 3), (True, 2)])
-def test_position_indexed_tables_cap_pipeline_stages(monkeypatch, reads_tables, stages):
+@pytest.mark.parametrize("kind, stages", [("pointwise", 3), ("positional", 3), ("table", 2)])
+def test_position_indexed_tables_cap_pipeline_stages(monkeypatch, kind, stages):
     # A 3-stage D64 tile with a float32 bias gather ran out of shared memory on
     # the H100: mods reading 2-D tables get at most 2 stages (not pinned ones).
     from flex_inductor.lowering import configs, forward
@@ -654,10 +654,83 @@ def test_position_indexed_tables_cap_pipeline_stages(monkeypatch, reads_tables, 
         configs, "default_forward_config", lambda *args: configs.Config(128, 128, 4, 3)
     )
     (config,) = forward._candidate_configs(
-        64, torch.bfloat16, torch.device("cpu"), {}, 128, 128, reads_tables
+        64, torch.bfloat16, torch.device("cpu"), {}, 128, 128, kind
     )
     assert config.num_stages == stages
     (pinned,) = forward._candidate_configs(
-        64, torch.bfloat16, torch.device("cpu"), {"num_stages": 3}, 128, 128, reads_tables
+        64, torch.bfloat16, torch.device("cpu"), {"num_stages": 3}, 128, 128, kind
     )
     assert pinned.num_stages == 3
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("none", "pointwise"),
+        ("softcap", "pointwise"),
+        ("alibi", "positional"),
+        ("table", "table"),
+        ("mask_table", "table"),
+        ("document", "pointwise"),
+        ("scalar_times_positions", "positional"),
+    ],
+)
+def test_score_mod_kind_picks_the_default_config(monkeypatch, name, kind):
+    # The lowering reads what the captured mods do per score and asks the
+    # config table for that kind: ALiBi's integer tile; a tile-shaped gather
+    # of a table indexed by both positions (not a per-token vector).
+    from flex_inductor.lowering import configs
+
+    H, L = 2, 32
+    table = torch.randn(H, 2 * L - 1)
+    allowed = torch.rand(L, L) > 0.3
+    doc = torch.arange(L).div(10, rounding_mode="floor").expand(1, L)
+    weight = torch.tensor([0.5])
+    score_mods = {
+        "table": lambda score, b, h, q, kv: score + table[h, q - kv + L - 1],
+        "softcap": mods.softcap(5.0),
+        "alibi": mods.alibi(H),
+        "scalar_times_positions": lambda score, b, h, q, kv: score + weight[b] * (q - kv),
+    }
+    mask_mods = {
+        "mask_table": lambda b, h, q, kv: allowed[q, kv],
+        "document": lambda b, h, q, kv: doc[b, q] == doc[b, kv],
+    }
+    seen = []
+    real = configs.default_forward_config
+
+    def spy(head_dim, dtype, device, score_mod_kind=configs.POINTWISE):
+        seen.append(score_mod_kind)
+        return real(head_dim, dtype, device, score_mod_kind)
+
+    monkeypatch.setattr(configs, "default_forward_config", spy)
+    q, k, v = make_qkv(1, H, L, L, 16)
+    block_mask = (
+        create_block_mask(mask_mods[name], 1, 1, L, L, device="cpu", BLOCK_SIZE=16)
+        if name in mask_mods
+        else None
+    )
+    torch._dynamo.reset()
+    run_compiled(q, k, v, score_mods.get(name), block_mask)
+    assert seen == [kind]
+
+
+def test_hopper_default_configs_depend_on_score_mod_kind(monkeypatch):
+    # The tuned Hopper table (benchmarks/NOTES.md entry 7), read without a GPU.
+    from flex_inductor.lowering import configs
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda")
+    bf16 = torch.bfloat16
+
+    def pick(head_dim, kind, dtype=bf16):
+        return configs.default_forward_config(head_dim, dtype, cuda, kind)
+
+    assert pick(64, configs.POINTWISE) == configs.Config(128, 128, 4, 3)
+    assert pick(64, configs.POSITIONAL) == configs.Config(128, 64, 4, 3)
+    assert pick(64, configs.TABLE) == configs.Config(128, 64, 4, 1)
+    assert pick(128, configs.POINTWISE) == pick(128, configs.POSITIONAL)
+    assert pick(128, configs.TABLE) == configs.Config(64, 64, 4, 2)
+    # float32 keeps its own (smaller) tiles whatever the mod.
+    assert pick(128, configs.TABLE, torch.float32) == pick(128, configs.POINTWISE, torch.float32)
+    assert pick(40, configs.POSITIONAL) == pick(64, configs.POSITIONAL)
