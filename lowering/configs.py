@@ -27,10 +27,11 @@ class Config:
 
 # What a score_mod costs per score, beyond the two dots and the exp2; it moves
 # the best tile (register pressure, shared memory), so the defaults depend on it.
+NO_MODS = "none"  # no score_mod and no mask_mod: plain attention
 POINTWISE = "pointwise"  # no score_mod, or maths on the score alone (softcap)
 POSITIONAL = "positional"  # integer arithmetic on q_idx/kv_idx per score (ALiBi)
 TABLE = "table"  # gathers a captured table of 2+ dims per score (learned bias)
-SCORE_MOD_KINDS = (POINTWISE, POSITIONAL, TABLE)
+SCORE_MOD_KINDS = (NO_MODS, POINTWISE, POSITIONAL, TABLE)
 
 # Forward defaults on Hopper, keyed by (head dim upper bound, dtype is fp32).
 # Larger head dims keep less of K/V per stage in shared memory, hence the
@@ -50,11 +51,14 @@ _SM90_FORWARD = {
     (256, True): Config(32, 32, 4, 2),
 }
 # Hopper, bf16/fp16, where the score_mod kind moves the best config (same
-# tuning runs). ALiBi's per-score integer tile at D64 wants half the columns
-# (9% faster than the next best); a per-score table gather is pipelined
+# tuning runs). Plain attention at D128 ran 504 TF/s at (128, 64, 4, 2) and 483
+# at (128, 128, 8, 3) in the benchmark (the autotuner had them within 1%).
+# ALiBi's per-score integer tile at D64 wants half the columns (9% faster than
+# the next best); a per-score table gather is pipelined
 # through shared memory like K and V, so it wants fewer stages and smaller
 # tiles (D128: 236 TF/s at (64, 64, 4, 2) against 162 at (128, 64, 4, 2)).
 _SM90_FORWARD_BY_KIND = {
+    (128, NO_MODS): Config(128, 64, 4, 2),
     (64, POSITIONAL): Config(128, 64, 4, 3),
     (64, TABLE): Config(128, 64, 4, 1),
     (128, TABLE): Config(64, 64, 4, 2),

@@ -213,6 +213,9 @@ def _score_mod_kind(score_mod, mask_mod) -> str:
     score_args = _placeholders(score_mod)
     if any(n.users for n in score_args[3:5]):
         return configs.POSITIONAL
+    # A mask_mod that reads none of its arguments keeps everything (noop_mask).
+    if is_identity_score_mod(score_mod) and not any(n.users for n in _placeholders(mask_mod)):
+        return configs.NO_MODS
     return configs.POINTWISE
 
 

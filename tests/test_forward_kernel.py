@@ -666,7 +666,8 @@ def test_position_indexed_tables_cap_pipeline_stages(monkeypatch, kind, stages):
 @pytest.mark.parametrize(
     "name, kind",
     [
-        ("none", "pointwise"),
+        ("none", "none"),
+        ("causal", "pointwise"),
         ("softcap", "pointwise"),
         ("alibi", "positional"),
         ("table", "table"),
@@ -693,6 +694,7 @@ def test_score_mod_kind_picks_the_default_config(monkeypatch, name, kind):
         "scalar_times_positions": lambda score, b, h, q, kv: score + weight[b] * (q - kv),
     }
     mask_mods = {
+        "causal": masks.causal(),
         "mask_table": lambda b, h, q, kv: allowed[q, kv],
         "document": lambda b, h, q, kv: doc[b, q] == doc[b, kv],
     }
@@ -729,7 +731,10 @@ def test_hopper_default_configs_depend_on_score_mod_kind(monkeypatch):
     assert pick(64, configs.POINTWISE) == configs.Config(128, 128, 4, 3)
     assert pick(64, configs.POSITIONAL) == configs.Config(128, 64, 4, 3)
     assert pick(64, configs.TABLE) == configs.Config(128, 64, 4, 1)
-    assert pick(128, configs.POINTWISE) == pick(128, configs.POSITIONAL)
+    assert pick(128, configs.POINTWISE) == configs.Config(128, 128, 8, 3)
+    assert pick(128, configs.POSITIONAL) == configs.Config(128, 128, 8, 3)
+    assert pick(128, configs.NO_MODS) == configs.Config(128, 64, 4, 2)
+    assert pick(64, configs.NO_MODS) == pick(64, configs.POINTWISE)
     assert pick(128, configs.TABLE) == configs.Config(64, 64, 4, 2)
     # float32 keeps its own (smaller) tiles whatever the mod.
     assert pick(128, configs.TABLE, torch.float32) == pick(128, configs.POINTWISE, torch.float32)
