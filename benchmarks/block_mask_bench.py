@@ -1,4 +1,4 @@
-"""Time create_block_mask on a document mask, next to torch's, with peak memory.
+"""Time create_block_mask on a document mask (or another), next to torch's, with peak memory.
 
 Each case runs in a fresh process, so that the peak resident set size
 (``ru_maxrss``) it reports belongs to that case alone; on CUDA the extra peak
@@ -14,6 +14,7 @@ and date.
     python benchmarks/block_mask_bench.py                # 8k, 32k, 131072 on cpu
     python benchmarks/block_mask_bench.py --device cuda  # 8k, 32k, 128k and 1M tokens
     python benchmarks/block_mask_bench.py --device cuda --lengths 8192 32768
+    python benchmarks/block_mask_bench.py --mask causal sliding_window --no-torch
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import itertools
 import multiprocessing
 import resource
 import statistics
@@ -41,6 +43,9 @@ DEFAULT_LENGTHS = {"cpu": [8192, 32768, 131072], "cuda": [8192, 32768, 131072, 1
 # on an H100, ~25 s on a 2-core CPU).
 WARMUP_MAX_LEN = {"cpu": 32768, "cuda": 131072}
 MEAN_DOCUMENT_LEN = 2048
+SLIDING_WINDOW = 4096
+PREFIX_LEN = 8192
+MASKS = ("document", "causal", "sliding_window", "prefix_lm", "document_causal_window")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +53,7 @@ class Config:
     impl: str  # "flex_inductor" or "torch"
     seq_len: int
     device: str
+    mask: str = "document"  # one of MASKS
     block_size: int = 128
     threads: int | None = None  # torch's default when None
     torch_max_len: int | None = None  # TORCH_PEER_MAX_LEN of the device when None
@@ -85,6 +91,28 @@ def document_ids(seq_len: int, seed: int):
     return starts.cumsum(0)
 
 
+def make_mask(name: str, seq_len: int, seed: int, device: str):
+    """The mask_mod ``name`` (see MASKS) for ``seq_len`` positions."""
+    doc = document_ids(seq_len, seed).to(device)
+
+    def document(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def sliding_window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= SLIDING_WINDOW)
+
+    def prefix_lm(b, h, q_idx, kv_idx):
+        return (kv_idx < PREFIX_LEN) | (q_idx >= kv_idx)
+
+    def document_causal_window(b, h, q_idx, kv_idx):
+        return document(b, h, q_idx, kv_idx) & sliding_window(b, h, q_idx, kv_idx)
+
+    return locals()[name]
+
+
 def _run_case(config: Config, queue) -> None:
     import torch
 
@@ -95,19 +123,15 @@ def _run_case(config: Config, queue) -> None:
     else:
         from flex_inductor.block_mask import create_block_mask
 
-    doc = document_ids(config.seq_len, config.seed).to(config.device)
-
-    def document(b, h, q_idx, kv_idx):
-        return doc[q_idx] == doc[kv_idx]
-
+    mask_mod = make_mask(config.mask, config.seq_len, config.seed, config.device)
     # Warm up the machinery (vmap, kernels, allocator) outside the timing: on a
     # small case, then at full size where one run is short enough.
-    create_block_mask(document, 1, 1, 256, 256, device=config.device)
+    create_block_mask(mask_mod, 1, 1, 256, 256, device=config.device)
     # ru_maxrss is a high-water mark, so the full-size warm-up is inside it.
     before = _max_rss_mib()
     if config.seq_len <= config.warmup_max_len:
         create_block_mask(
-            document, 1, 1, config.seq_len, config.seq_len, config.device, config.block_size
+            mask_mod, 1, 1, config.seq_len, config.seq_len, config.device, config.block_size
         )
     on_cuda = config.device.startswith("cuda")
     if on_cuda:
@@ -119,7 +143,7 @@ def _run_case(config: Config, queue) -> None:
     while len(times) < config.repeats and sum(times) < config.case_budget:
         start = time.perf_counter()
         bm = create_block_mask(
-            document,
+            mask_mod,
             1,
             1,
             config.seq_len,
@@ -181,19 +205,22 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def markdown_table(results: list[Result]) -> str:
     """GitHub-style table; the ratio column is torch time / our time."""
-    ours = {r.config.seq_len: r for r in results if r.config.impl == "flex_inductor"}
+    ours = {
+        (r.config.mask, r.config.seq_len): r for r in results if r.config.impl == "flex_inductor"
+    }
     rows = [
-        "| impl | seq_len | device | threads | median time (s) | runs | peak RSS delta (MiB) "
-        "| peak device memory (MiB) | sparsity (%) | torch time / ours | note |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| impl | mask | seq_len | device | threads | median time (s) | runs "
+        "| peak RSS delta (MiB) | peak device memory (MiB) | sparsity (%) | torch time / ours "
+        "| note |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         ratio = None
-        base = ours.get(r.config.seq_len)
+        base = ours.get((r.config.mask, r.config.seq_len))
         if r.config.impl == "torch" and r.seconds and base and base.seconds:
             ratio = r.seconds / base.seconds
         rows.append(
-            f"| {r.config.impl} | {r.config.seq_len} | {r.config.device} "
+            f"| {r.config.impl} | {r.config.mask} | {r.config.seq_len} | {r.config.device} "
             f"| {r.config.threads or torch_threads()} "
             f"| {_fmt(r.seconds, '.3f')} | {r.runs} | {_fmt(r.peak_rss_delta_mib, '.0f')} "
             f"| {_fmt(r.peak_device_mib, '.0f')} "
@@ -214,6 +241,7 @@ def write_csv(path: str, results: list[Result]) -> None:
         writer.writerow(
             [
                 "impl",
+                "mask",
                 "seq_len",
                 "device",
                 "device_name",
@@ -232,6 +260,7 @@ def write_csv(path: str, results: list[Result]) -> None:
             writer.writerow(
                 [
                     r.config.impl,
+                    r.config.mask,
                     r.config.seq_len,
                     r.config.device,
                     device_name,
@@ -255,6 +284,9 @@ def main() -> None:
         "--lengths", type=int, nargs="+", help="default: 8k, 32k, 128k (and 1M on cuda)"
     )
     parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument(
+        "--mask", nargs="+", choices=MASKS, default=["document"], help="mask_mods to time"
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads in each case")
     parser.add_argument("--repeats", type=int, default=3, help="report the median of N runs")
     parser.add_argument(
@@ -273,22 +305,22 @@ def main() -> None:
     lengths = args.lengths or DEFAULT_LENGTHS[kind]
     warmup_max_len = args.warmup_max_len or WARMUP_MAX_LEN[kind]
     results = []
-    for seq_len in lengths:
-        for impl in impls:
-            config = Config(
-                impl,
-                seq_len,
-                args.device,
-                args.block_size,
-                threads=args.threads,
-                torch_max_len=args.torch_max_len,
-                repeats=args.repeats,
-                warmup_max_len=warmup_max_len,
-                case_budget=args.case_budget,
-            )
-            result = run(config)
-            print(f"{impl} {seq_len}: {result.seconds} s", file=sys.stderr, flush=True)
-            results.append(result)
+    for mask, seq_len, impl in itertools.product(args.mask, lengths, impls):
+        config = Config(
+            impl,
+            seq_len,
+            args.device,
+            mask,
+            args.block_size,
+            threads=args.threads,
+            torch_max_len=args.torch_max_len,
+            repeats=args.repeats,
+            warmup_max_len=warmup_max_len,
+            case_budget=args.case_budget,
+        )
+        result = run(config)
+        print(f"{impl} {mask} {seq_len}: {result.seconds} s", file=sys.stderr, flush=True)
+        results.append(result)
     print(markdown_table(results))
     if args.csv:
         write_csv(args.csv, results)

@@ -147,6 +147,42 @@ def vmap_bhqkv(mask_mod: MaskMod) -> MaskMod:
     return bhqkv
 
 
+def vmap_blocks(mask_mod: MaskMod) -> MaskMod:
+    """Lifts an elementwise mask_mod to a batch of blocks: out[n, i, j].
+
+    ``out[n, i, j] = mask_mod(b[n], h[n], q[n, i], kv[n, j])``, with ``b`` and
+    ``h`` of shape ``(n,)`` and ``q``, ``kv`` of shape ``(n, rows)``,
+    ``(n, cols)``: the same nested vmaps as :func:`vmap_bhqkv`, under one more
+    over the blocks, so the mask_mod still sees 0-d tensors.
+    """
+    over_q_kv = torch.vmap(
+        torch.vmap(mask_mod, in_dims=(None, None, None, 0)), in_dims=(None, None, 0, None)
+    )
+    return torch.vmap(over_q_kv, in_dims=(0, 0, 0, 0))
+
+
+def evaluate_blocks(
+    mask_mod: Callable, vmapped: MaskMod, b: Tensor, h: Tensor, q: Tensor, kv: Tensor
+) -> Tensor:
+    """The keep-mask ``(n, rows, cols)`` of a batch of blocks.
+
+    Args:
+        mask_mod: The user's mask_mod, for error messages.
+        vmapped: ``vmap_blocks(mask_mod)``.
+        b: Batch index of each block, int64 ``(n,)``.
+        h: Head index of each block, int64 ``(n,)``.
+        q: Query positions of each block, int64 ``(n, rows)``.
+        kv: Key/value positions of each block, int64 ``(n, cols)``.
+
+    Returns:
+        A bool tensor.
+    """
+    with evaluation_mode():
+        out = vmapped(b, h, q, kv)
+    _check_result(mask_mod, out, expected_dim=3)
+    return out
+
+
 def evaluate(
     mask_mod: Callable, vmapped: MaskMod, b: Tensor, h: Tensor, q: Tensor, kv: Tensor
 ) -> Tensor:
@@ -353,8 +389,12 @@ def evaluate_block_states(
     block_size: tuple[int, int],
     device: torch.device,
     chunk_elements: int | None = None,
+    free: tuple[bool, bool] | None = None,
 ) -> Tensor:
-    """Block classification of ``mask_mod`` over ``(B, H, Q_LEN, KV_LEN)``.
+    """Block classification of ``mask_mod`` over ``(B, H, Q_LEN, KV_LEN)``, densely.
+
+    Every position is evaluated; ``_block_eval.evaluate_block_states`` is the
+    faster entry that falls back to this.
 
     Args:
         mask_mod: A checked mask_mod.
@@ -363,6 +403,8 @@ def evaluate_block_states(
         device: Where to evaluate.
         chunk_elements: Most positions evaluated at once; None for the
             device's default.
+        free: Whether the mask ignores (b, h), when already known (it only
+            sizes chunks); None to ask vmap.
 
     Returns:
         int8 ``(B, H, num_q_blocks, num_kv_blocks)``: 0 empty, 1 partial, 2 full.
@@ -372,7 +414,8 @@ def evaluate_block_states(
     grid = (B, H, math.ceil(Q_LEN / QB), math.ceil(KV_LEN / KB))
     vmapped = vmap_bhqkv(mask_mod)
     states = torch.empty(grid, dtype=torch.int8, device=device)
-    free = free_dims(vmapped, mask_mod, B, H, device)
+    if free is None:
+        free = free_dims(vmapped, mask_mod, B, H, device)
     budget = chunk_elements or default_chunk_elements(device)
     for chunk in plan_chunks(grid, block_size, budget, free):
         idx = chunk_positions(chunk, block_size, (Q_LEN, KV_LEN), device)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from flex_inductor import _mask_utils
+from flex_inductor import _block_eval, _mask_utils
 from flex_inductor._compat import pytree_getattr_key, register_pytree_node
 from flex_inductor.combinators import MaskMod, noop_mask
 
@@ -43,16 +44,75 @@ def _pair(block_size: int | tuple[int, int]) -> tuple[int, int]:
     return (q, kv)
 
 
-def _dense_to_ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
-    """(count, indices) of the True entries of each row, ascending.
+# Entries ranked at once by _dense_to_ordered: with its int64 temporaries
+# (about 22 bytes an entry) a chunk costs about 90 MiB, whatever the size of
+# the layout (a full 1M-token layout is 67M entries, 16 chunks).
+_ORDER_CHUNK_ENTRIES = 1 << 22
 
-    The indices of the False entries follow, also ascending, so the padding
+
+def _dense_to_ordered(dense: Tensor, value: int | None = None) -> tuple[Tensor, Tensor]:
+    """(count, indices) of the selected entries of each row, ascending.
+
+    The indices of the other entries follow, also ascending, so the padding
     is made of valid block indices that kernels may prefetch safely.
+
+    Args:
+        dense: ``(..., rows, cols)``. Leading dimensions that are stride-0
+            expansions are computed once.
+        value: Entries equal to it are selected; None selects the nonzero ones.
+
+    Returns:
+        int32 counts ``(..., rows)`` and int32 indices ``(..., rows, cols)``,
+        both contiguous.
     """
-    num = dense.sum(-1, dtype=torch.int32)
-    # A stable descending sort of a 0/1 row puts the ones first, in order.
-    indices = torch.argsort(dense.to(torch.bool), dim=-1, descending=True, stable=True)
-    return num.contiguous(), indices.to(torch.int32).contiguous()
+    shape = dense.shape
+    for dim in range(dense.dim() - 2):
+        if dense.shape[dim] > 1 and dense.stride(dim) == 0:
+            dense = dense.narrow(dim, 0, 1)
+    rows, cols = dense.shape[-2:]
+    mats = dense.reshape(-1, rows, cols)
+    num = torch.empty(mats.shape[:-1], dtype=torch.int32, device=dense.device)
+    indices = torch.empty(mats.shape, dtype=torch.int32, device=dense.device)
+    col_ids = torch.arange(cols, device=dense.device)
+    for mat_rows in _row_chunks(*mats.shape):
+        _rank_rows(mats[mat_rows], value, col_ids, num[mat_rows], indices[mat_rows])
+    lead = dense.shape[:-2]
+    num = num.view(*lead, rows).expand(shape[:-1]).contiguous()
+    return num, indices.view(*lead, rows, cols).expand(shape).contiguous()
+
+
+def _row_chunks(mats: int, rows: int, cols: int) -> Iterator[tuple[slice, slice]]:
+    """(matrices, rows) slices of at most about _ORDER_CHUNK_ENTRIES entries each."""
+    if rows * cols <= _ORDER_CHUNK_ENTRIES:
+        step = _ORDER_CHUNK_ENTRIES // (rows * cols)
+        for m in range(0, mats, step):
+            yield slice(m, m + step), slice(None)
+        return
+    step = max(1, _ORDER_CHUNK_ENTRIES // cols)
+    for m in range(mats):
+        for r in range(0, rows, step):
+            yield slice(m, m + 1), slice(r, r + step)
+
+
+def _rank_rows(x: Tensor, value: int | None, col_ids: Tensor, num: Tensor, out: Tensor) -> None:
+    """Writes the count and the ordered indices of the selected entries of ``x``'s rows.
+
+    A rank per entry, then one scatter: selected entries take ranks 0, 1, ...
+    in column order, the others follow in column order (a stable partition,
+    without sorting).
+    """
+    if x.stride(-1) != 1:
+        # A transposed view: one copy, so that every op below runs along memory.
+        x = x.contiguous()
+    selected = x != 0 if value is None else x == value
+    ranks = selected.cumsum(-1)  # selected entries up to and including each column
+    count = ranks[..., -1:].clone()
+    num.copy_(count.squeeze(-1))
+    ranks -= 1  # the rank of a selected entry
+    # An other entry follows all selected ones and the other entries before it.
+    others = torch.sub(col_ids, ranks).add_(count - 1)
+    torch.where(selected, ranks, others, out=ranks)
+    out.scatter_(-1, ranks, col_ids.to(torch.int32).expand(ranks.shape))
 
 
 def _ordered_to_dense(num: Tensor, indices: Tensor, num_cols: int) -> Tensor:
@@ -251,14 +311,18 @@ class BlockMask:
         block_size: tuple[int, int],
         mask_mod: MaskMod,
     ) -> BlockMask:
-        """From a ``(B, H, nq, nkv)`` int8 map of 0 empty / 1 partial / 2 full."""
-        partial, full = states == _PARTIAL, states == _FULL
+        """From a ``(B, H, nq, nkv)`` int8 map of 0 empty / 1 partial / 2 full.
+
+        ``states`` may be a stride-0 expansion along B or H; the layout is
+        then computed once and copied.
+        """
+        by_kv = states.transpose(-2, -1)
         return cls(
             seq_lengths,
-            *_dense_to_ordered(partial),
-            *_dense_to_ordered(full),
-            *_dense_to_ordered(partial.transpose(-2, -1)),
-            *_dense_to_ordered(full.transpose(-2, -1)),
+            *_dense_to_ordered(states, _PARTIAL),
+            *_dense_to_ordered(states, _FULL),
+            *_dense_to_ordered(by_kv, _PARTIAL),
+            *_dense_to_ordered(by_kv, _FULL),
             BLOCK_SIZE=block_size,
             mask_mod=mask_mod,
         )
@@ -578,13 +642,22 @@ def create_block_mask(
     *,
     _chunk_elements: int | None = None,
 ) -> BlockMask:
-    """Builds the BlockMask of ``mask_mod``, in memory-bounded chunks.
+    """Builds the BlockMask of ``mask_mod``, mostly from bounds over whole blocks.
 
-    ``mask_mod(b, h, q_idx, kv_idx)`` is evaluated elementwise (nested vmap)
-    over chunks of whole blocks (32M positions on CPU), so peak memory
-    does not grow with Q_LEN * KV_LEN. A block is full when every position
-    of it that lies inside the sequences is kept; positions past Q_LEN or
-    KV_LEN do not exist and are never passed to ``mask_mod``.
+    ``mask_mod(b, h, q_idx, kv_idx)`` is first called with intervals (one per
+    block: the range of positions it covers) instead of index tensors; the
+    bool it returns bounds the mask over each block, which proves most blocks
+    empty or full in ``O(nq * nkv)`` work rather than ``O(Q_LEN * KV_LEN)``.
+    Undecided blocks are bounded again per sub-tile, and in those still
+    undecided the uncertain sub-tiles are evaluated elementwise (nested vmap,
+    as mask_mods are written for 0-d tensors). A mask_mod using an operation
+    the intervals cannot bound soundly (see ``_interval``), or needing exact
+    work on more than half of the grid, is evaluated elementwise everywhere,
+    in chunks of whole blocks (32M positions on CPU). Either way peak memory
+    does not grow with Q_LEN * KV_LEN, and the result is the same. A block is
+    full when every position of it that lies inside the sequences is kept;
+    positions past Q_LEN or KV_LEN do not exist and are never passed to
+    ``mask_mod``.
 
     Args:
         mask_mod: ``(b, h, q_idx, kv_idx) -> bool tensor``, written for 0-d tensors.
@@ -597,8 +670,10 @@ def create_block_mask(
         BLOCK_SIZE: int or (Q_BLOCK_SIZE, KV_BLOCK_SIZE).
         _compile: Accepted for compatibility with torch and ignored: chunked
             eager evaluation is already bounded in memory.
-        _chunk_elements: Most positions evaluated at once; None for the device's
-            default (32M on CPU, 256M elsewhere). Tests use tiny ones.
+        _chunk_elements: Most positions evaluated (or blocks bounded) at once;
+            None for the defaults (4M blocks bounded, 16M positions of
+            undecided blocks, and for the dense evaluation 32M positions on
+            CPU, 256M elsewhere). Tests use tiny ones.
 
     Returns:
         The BlockMask, with full blocks separated from partial ones.
@@ -622,7 +697,7 @@ def create_block_mask(
     device = _default_device(device)
     B, H = _batch_heads(B, H)
     _mask_utils.probe(mask_mod, device)
-    states = _mask_utils.evaluate_block_states(
+    states = _block_eval.evaluate_block_states(
         mask_mod, (B, H, Q_LEN, KV_LEN), block_size, device, _chunk_elements
     )
     return BlockMask._from_states(states, (Q_LEN, KV_LEN), block_size, mask_mod)
