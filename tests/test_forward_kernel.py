@@ -676,21 +676,21 @@ def test_position_indexed_tables_cap_pipeline_stages(monkeypatch, kind, stages):
         ("scalar_times_positions", "positional"),
     ],
 )
-def test_score_mod_kind_picks_the_default_config(monkeypatch, name, kind):
+def test_score_mod_kind_picks_the_default_config(monkeypatch, device, name, kind):
     # The lowering reads what the captured mods do per score and asks the
     # config table for that kind: ALiBi's integer tile; a tile-shaped gather
     # of a table indexed by both positions (not a per-token vector).
     from flex_inductor.lowering import configs
 
     H, L = 2, 32
-    table = torch.randn(H, 2 * L - 1)
-    allowed = torch.rand(L, L) > 0.3
-    doc = torch.arange(L).div(10, rounding_mode="floor").expand(1, L)
-    weight = torch.tensor([0.5])
+    table = torch.randn(H, 2 * L - 1, device=device)
+    allowed = torch.rand(L, L, device=device) > 0.3
+    doc = torch.arange(L, device=device).div(10, rounding_mode="floor").expand(1, L)
+    weight = torch.tensor([0.5], device=device)
     score_mods = {
         "table": lambda score, b, h, q, kv: score + table[h, q - kv + L - 1],
         "softcap": mods.softcap(5.0),
-        "alibi": mods.alibi(H),
+        "alibi": mods.alibi(H, device=device),
         "scalar_times_positions": lambda score, b, h, q, kv: score + weight[b] * (q - kv),
     }
     mask_mods = {
@@ -706,9 +706,9 @@ def test_score_mod_kind_picks_the_default_config(monkeypatch, name, kind):
         return real(head_dim, dtype, device, score_mod_kind)
 
     monkeypatch.setattr(configs, "default_forward_config", spy)
-    q, k, v = make_qkv(1, H, L, L, 16)
+    q, k, v = make_qkv(1, H, L, L, 16, device=device)
     block_mask = (
-        create_block_mask(mask_mods[name], 1, 1, L, L, device="cpu", BLOCK_SIZE=16)
+        create_block_mask(mask_mods[name], 1, 1, L, L, device=device, BLOCK_SIZE=16)
         if name in mask_mods
         else None
     )
