@@ -745,3 +745,27 @@ def fast_math_api() -> SimpleNamespace:
 def current_fx_node():
     """The FX node Inductor is lowering now (the root graph's, inside a mod), or None."""
     return getattr(inductor_api().V.graph, "current_node", None)
+
+
+# --------------------------------------------------------------------------
+# Template inputs without needless copies (lowering/common.py)
+# --------------------------------------------------------------------------
+
+
+def realize_input(node):
+    """``node`` as a realized buffer or a strided view of one (Inductor's ``realize_input``).
+
+    Unlike ``realize_inputs`` it never copies a view for its strides;
+    :func:`require_stride1` does that afterwards where needed.
+    """
+    return inductor_api().ir.ExternKernel.realize_input(node)
+
+
+def require_stride1(node):
+    """``node`` itself if some dimension has stride 1, else a contiguous copy."""
+    return inductor_api().ir.ExternKernel.require_stride1(node)
+
+
+def statically_known_equals(left, right) -> bool:
+    """Whether two (possibly symbolic) sizes are equal for every value of their symbols."""
+    return bool(inductor_api().V.graph.sizevars.statically_known_equals(left, right))

@@ -16,6 +16,7 @@ import torch
 from . import _compat
 from ._subgraphs import UntraceableModError, check_traceable, trace_and_lift
 from ._version import CODE_VERSION, CODE_VERSION_KEY
+from .combinators import noop_mask
 from .op import flex_inductor_attention
 from .reference import reference_forward
 
@@ -68,17 +69,26 @@ def _lifted_op_call(query, key, value, score_mod, block_mask, scale, kernel_opti
 
 def attention(query, key, value, score_mod, block_mask, scale, kernel_options):
     """Normalise the defaults, then run the op in place or compiled."""
-    from .block_mask import _full_block_mask
+    from .block_mask import _full_block_mask, _full_block_mask_flat
 
     if score_mod is None:
         score_mod = _identity_score
+    if _compat.is_dynamo_compiling():
+        options = dict(kernel_options or {})
+        options[CODE_VERSION_KEY] = CODE_VERSION
+        # Our Dynamo variable speculates the mods and lifts what they capture.
+        if block_mask is None:
+            # The all-full mask goes to the op in its flat form: Dynamo then
+            # traces its tensors, not the construction of a BlockMask.
+            tensors, sizes = _full_block_mask_flat(query.shape[-2], key.shape[-2], query.device)
+            return flex_inductor_attention(
+                query, key, value, score_mod, noop_mask, tensors, sizes, scale, options, [], []
+            )
+        return op_call(query, key, value, score_mod, block_mask, scale, options)
     if block_mask is None:
         block_mask = _full_block_mask(query.shape[-2], key.shape[-2], query.device)
     options = dict(kernel_options or {})
     options[CODE_VERSION_KEY] = CODE_VERSION
-    if _compat.is_dynamo_compiling():
-        # Our Dynamo variable speculates the mods and lifts what they capture.
-        return op_call(query, key, value, score_mod, block_mask, scale, options)
     if _compat.is_tracing():
         return _lifted_op_call(query, key, value, score_mod, block_mask, scale, options)
     if not templates_available(query.device, query.dtype):

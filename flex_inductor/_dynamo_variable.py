@@ -40,23 +40,21 @@ class FlexInductorAttentionVariable(_dyn.TorchHigherOrderOperatorVariable):
     # Named in Dynamo's messages about this op.
     _HOP_NAME = f"flex_inductor.{FORWARD_NAME}"
 
-    def _placeholders(self, tx, query, with_score: bool):
-        """0-d tensors the mods are speculated on, created off the graph."""
+    def _placeholders(self, tx, query):
+        """0-d tensors ``score, b, h, q_idx, kv_idx`` the mods are speculated on.
+
+        Created off the graph, once for both mods: speculation reads only
+        their example values, and gives each subgraph its own inputs.
+        """
         build = _compat.variable_builder()
 
-        def scalar(dtype, requires_grad=False):
-            kwargs = {"dtype": build(tx, dtype)}
-            if requires_grad:
-                kwargs["requires_grad"] = build(tx, True)
-            return query.call_method(tx, "new_empty", [build(tx, [])], kwargs)
+        def scalar(dtype):
+            return query.call_method(tx, "new_empty", [build(tx, [])], {"dtype": build(tx, dtype)})
 
         with _dyn.discard_graph_changes(tx):
-            indices = [scalar(INDEX_DTYPE) for _ in range(4)]
-            if not with_score:
-                return indices
-            return [scalar(SCORE_DTYPE), *indices]
+            return [scalar(SCORE_DTYPE), *(scalar(INDEX_DTYPE) for _ in range(4))]
 
-    def _install_mod(self, tx, query, fn, name: str, with_score: bool, given=()):
+    def _install_mod(self, tx, fn, name: str, placeholders, given=()):
         """Speculate one mod; return its graph's attribute proxy and its buffer proxies.
 
         ``given`` are buffers the call already passes (an exported or
@@ -67,10 +65,15 @@ class FlexInductorAttentionVariable(_dyn.TorchHigherOrderOperatorVariable):
         the mod and the cause (see :func:`_untraceable`), instead of Dynamo's
         generic one pointing into flex_inductor.
         """
-        args = [*self._placeholders(tx, query, with_score), *given]
+        args = [*placeholders, *given]
         unsupported = _compat.dynamo_unsupported_error()
         try:
             with _compat.transform_getitem_to_index()(), _compat.dynamo_specialize_scalars():
+                # The arguments are already a flat list of tensors and symbolic
+                # scalars: "manual" makes them the subgraph's inputs directly,
+                # where "flatten_manual" would have Dynamo trace pytree's
+                # flatten and unflatten of that list (a third of the time of
+                # speculating a small mod).
                 (_out, _spec), graph, lifted = _dyn.speculate_subgraph(
                     tx,
                     fn,
@@ -78,7 +81,7 @@ class FlexInductorAttentionVariable(_dyn.TorchHigherOrderOperatorVariable):
                     {},
                     description=f"flex_inductor {name}",
                     source_target=self.value,
-                    set_subgraph_inputs="flatten_manual",
+                    set_subgraph_inputs="manual",
                 )
         except unsupported as error:
             if getattr(error, "skip_frame", False):
@@ -102,11 +105,12 @@ class FlexInductorAttentionVariable(_dyn.TorchHigherOrderOperatorVariable):
         query, key, value, score_mod, mask_mod, block_mask, block_sizes, scale, options = args[:9]
         ensure_lowerings()
         given = [a.unpack_var_sequence(tx) for a in args[9:11]] + [[], []]
+        placeholders = self._placeholders(tx, query)
         score_node, score_buffers = self._install_mod(
-            tx, query, score_mod, "score_mod", True, given[0]
+            tx, score_mod, "score_mod", placeholders, given[0]
         )
         mask_node, mask_buffers = self._install_mod(
-            tx, query, mask_mod, "mask_mod", False, given[1]
+            tx, mask_mod, "mask_mod", placeholders[1:], given[1]
         )
 
         plain, _ = _dyn.proxy_args_kwargs(

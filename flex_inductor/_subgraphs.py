@@ -300,6 +300,7 @@ def build_joint_graph(
     score_mod: Callable,
     query: torch.Tensor,
     buffers: Sequence[torch.Tensor],
+    buffers_need_grad: Sequence[bool] | None = None,
 ) -> torch.fx.GraphModule:
     """Trace the joint forward+backward graph of ``score_mod``.
 
@@ -308,12 +309,18 @@ def build_joint_graph(
     entry per buffer (``None`` for buffers that do not require grad, so that a
     mask-only or constant buffer costs nothing in the backward).
 
+    ``buffers_need_grad`` says which buffers are differentiated; by default,
+    those that require grad. (The backward passes what the forward saw: its
+    saved tensors need not carry ``requires_grad`` as the inputs did.)
+
     It is traced on fake tensors outside any enclosing functionalization or
     proxy tracing: the joint graph is an argument of the backward op, not part
     of the graph being traced.
     """
     api = _compat.joint_api()
-    buffer_needs_grad = [isinstance(b, torch.Tensor) and b.requires_grad for b in buffers]
+    if buffers_need_grad is None:
+        buffers_need_grad = [isinstance(b, torch.Tensor) and b.requires_grad for b in buffers]
+    buffer_needs_grad = list(buffers_need_grad)
 
     def joint(score, b, h, q_idx, kv_idx, grad_score_out, *bufs):
         with torch.enable_grad():
@@ -349,7 +356,8 @@ def build_joint_graph(
             # Under dynamic shapes Dynamo also lifts the symbolic sizes of
             # captured tensors (SymInts): they pass through as they are.
             fake_buffers = [
-                api.fresh_like(b) if isinstance(b, torch.Tensor) else b for b in buffers
+                api.fresh_like(b).requires_grad_(need) if isinstance(b, torch.Tensor) else b
+                for b, need in zip(buffers, buffer_needs_grad, strict=True)
             ]
         with _compat.transform_getitem_to_index()():
             return api.make_fx(joint)(*example, *fake_buffers)

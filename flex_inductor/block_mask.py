@@ -751,6 +751,22 @@ def _full_block_mask(
 
     Used when the caller passes no block mask.
     """
+    tensors, (q_len, kv_len, qb, kvb) = _full_block_mask_flat(Q_LEN, KV_LEN, device, BLOCK_SIZE)
+    return BlockMask((q_len, kv_len), *tensors, BLOCK_SIZE=(qb, kvb), mask_mod=noop_mask)
+
+
+def _full_block_mask_flat(
+    Q_LEN: int,
+    KV_LEN: int,
+    device: torch.device | str,
+    BLOCK_SIZE: int | tuple[int, int] = _DEFAULT_BLOCK_SIZE,
+) -> tuple[list[Tensor], list[int]]:
+    """:func:`_full_block_mask` as ``(_flatten_tensors(), _flatten_sizes())``.
+
+    What a compiled call without a block mask passes to the op: under Dynamo,
+    tracing the construction of the BlockMask object (its checks, its
+    attributes) costs several times more than tracing these tensors.
+    """
     qb, kvb = _pair(BLOCK_SIZE)
     nq, nkv = math.ceil(Q_LEN / qb), math.ceil(KV_LEN / kvb)
 
@@ -765,18 +781,5 @@ def _full_block_mask(
         full = counts[cols : cols + 1].expand(1, 1, rows)
         return empty, indices, full, indices
 
-    kv_part, kv_idx, kv_full, kv_full_idx = layout(nq, nkv)
-    q_part, q_idx, q_full, q_full_idx = layout(nkv, nq)
-    return BlockMask(
-        (Q_LEN, KV_LEN),
-        kv_part,
-        kv_idx,
-        kv_full,
-        kv_full_idx,
-        q_part,
-        q_idx,
-        q_full,
-        q_full_idx,
-        BLOCK_SIZE=(qb, kvb),
-        mask_mod=noop_mask,
-    )
+    # In _TENSOR_NAMES order: kv view then q view, partial then full.
+    return [*layout(nq, nkv), *layout(nkv, nq)], [Q_LEN, KV_LEN, qb, kvb]

@@ -358,11 +358,17 @@ def _backward_functionalize(
 
 
 class _FlexInductorAutograd(torch.autograd.Function):
-    """Saves ``out`` and ``lse``; the backward calls the backward op."""
+    """Saves ``out`` and ``lse``; the backward calls the backward op.
+
+    The joint graph of ``score_mod`` is traced in the backward, where it is
+    used: the forward also runs when nothing will be differentiated (Dynamo's
+    fake run of the op, AOTAutograd's metadata pass), and tracing it there
+    would be thrown away.
+    """
 
     @staticmethod
     def forward(
-        ctx, query, key, value, fw_graph, joint_graph, mask_mod, block_mask, block_sizes,
+        ctx, query, key, value, fw_graph, mask_mod, block_mask, block_sizes,
         scale, kernel_options, mask_mod_buffers, *score_mod_buffers,
     ):
         ctx.set_materialize_grads(False)
@@ -371,7 +377,11 @@ class _FlexInductorAutograd(torch.autograd.Function):
                 query, key, value, fw_graph, mask_mod, block_mask, block_sizes, scale,
                 kernel_options, score_mod_buffers, mask_mod_buffers,
             )
-        ctx._graphs = (fw_graph, joint_graph, mask_mod)
+        ctx._graphs = (fw_graph, mask_mod)
+        # Which captured tensors the joint graph differentiates, as at the call.
+        ctx._buffers_need_grad = [
+            isinstance(b, torch.Tensor) and b.requires_grad for b in score_mod_buffers
+        ]
         ctx._static = (list(block_sizes), scale, kernel_options)
         ctx._block_mask_present = [t is not None for t in block_mask]
         ctx._n_score_buffers = len(score_mod_buffers)
@@ -393,8 +403,9 @@ class _FlexInductorAutograd(torch.autograd.Function):
             block_mask.append(rest.pop(0) if present else None)
         mask_mod_buffers = rest[: ctx._n_mask_buffers]
         score_mod_buffers = rest[ctx._n_mask_buffers :]
-        fw_graph, joint_graph, mask_mod = ctx._graphs
+        fw_graph, mask_mod = ctx._graphs
         block_sizes, scale, kernel_options = ctx._static
+        joint_graph = build_joint_graph(fw_graph, query, score_mod_buffers, ctx._buffers_need_grad)
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         if grad_lse is None:
@@ -406,7 +417,7 @@ class _FlexInductorAutograd(torch.autograd.Function):
         )
         # One gradient per forward input: query, key, value, then nothing for
         # the graphs, block mask, sizes, scale, options and mask buffers.
-        return (dq, dk, dv, None, None, None, None, None, None, None, None, *grad_buffers)
+        return (dq, dk, dv, None, None, None, None, None, None, None, *grad_buffers)
 
 
 @flex_inductor_attention.py_autograd_impl
@@ -429,9 +440,8 @@ def _forward_autograd(
             "mask_mod: tensors captured by mask_mod must not require grad (a boolean mask has "
             "no gradient); detach them."
         )
-    joint_graph = build_joint_graph(score_mod, query, score_mod_buffers)
     return _FlexInductorAutograd.apply(
-        query, key, value, score_mod, joint_graph, mask_mod, block_mask, block_sizes, scale,
+        query, key, value, score_mod, mask_mod, block_mask, block_sizes, scale,
         kernel_options, mask_mod_buffers, *score_mod_buffers,
     )
 

@@ -43,7 +43,58 @@ def fixed_inputs(*nodes):
     float that Dynamo made dynamic) are sympy expressions, not buffers: they
     pass through unchanged, and the template receives them as kernel args.
     """
-    return [n if n is None or is_symbolic_scalar(n) else _ind.realize_inputs(n) for n in nodes]
+    return [n if n is None or is_symbolic_scalar(n) else _realize(n) for n in nodes]
+
+
+def _realize(node):
+    """``node`` realized with strides a template can read, copied only when needed.
+
+    Inductor's ``realize_inputs`` copies every input without a unit stride.
+    A broadcast of one element has none: the all-full BlockMask of a call
+    without ``block_mask`` holds ``counts[:1].expand(1, 1, nq)``, as a view in
+    a compiled graph or as an input of an eager call's graph. Templates read
+    every input through its strides, as well from that as from a copy, so it
+    is passed as it is: one kernel fewer to compile, and to launch on every
+    call, per such tensor.
+    """
+    realized = _compat.realize_input(node)
+    broadcast = _broadcast_input(realized)
+    return broadcast if broadcast is not None else _compat.require_stride1(realized)
+
+
+def _broadcast_input(node):
+    """``node`` if it reads one element (every dim of size 1 or stride 0), else None.
+
+    A view gets, on its dims of size 1, the strides a contiguous copy would
+    have (they are never used, and the kernel text stays that of the copy);
+    broadcast dims keep stride 0. A buffer with such a fixed layout (an
+    input of the graph) is returned as it is.
+    """
+    ir = _ind.ir
+    is_view = isinstance(node, ir.ReinterpretView)
+    if not is_view and not isinstance(node, (ir.TensorBox, ir.StorageBox)):
+        return None
+    try:
+        layout = node.get_layout()
+    except NotImplementedError:  # not a buffer
+        return None
+    if not isinstance(layout, ir.FixedLayout):
+        return None
+    sizes, strides = list(layout.size), list(layout.stride)
+    if any(_compat.statically_known_equals(s, 1) for s in strides):
+        return None  # a unit stride: realize_inputs keeps it as it is
+    size_one = [_compat.statically_known_equals(size, 1) for size in sizes]
+    zero = [_compat.statically_known_equals(stride, 0) for stride in strides]
+    if not all(one or z for one, z in zip(size_one, zero, strict=True)):
+        return None
+    if not is_view:
+        return node
+    contiguous = ir.FlexibleLayout.contiguous_strides(sizes)
+    kept = [c if one else 0 for one, c in zip(size_one, contiguous, strict=True)]
+    return ir.ReinterpretView(
+        data=node.data,
+        layout=ir.FixedLayout(layout.device, layout.dtype, sizes, kept, offset=layout.offset),
+    )
 
 
 def is_symbolic_scalar(node) -> bool:

@@ -9,7 +9,7 @@ through the end of its ``_inner`` helper) with the text pinned inline below:
 * ``test_causal_block_mask``: a causal BlockMask, so the partial-block pass
   carries the mask_mod (``q_idx >= kv_idx``);
 * ``test_alibi_captured_tensor``: ALiBi, whose per-head slopes are a captured
-  tensor loaded inside the score_mod code (``tl.load(in_ptr8 + off_h)``).
+  tensor loaded inside the score_mod code (``tl.load(in_ptr5 + off_h)``).
 
 Volatile text is normalised first (see ``normalise``): the kernel name's
 suffix, and the constexprs that depend on the chosen config or the machine
@@ -88,7 +88,7 @@ class TestGoldenForward(expecttest.TestCase):
     def test_noop(self):
         source = kernel_source(lambda q, k, v: flex_attention(q, k, v), *_qkv())
         self.assertExpectedInline(source, """\
-def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, out_ptr0):
+def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, out_ptr0):
     BLOCK_M : tl.constexpr = <config>
     BLOCK_N : tl.constexpr = <config>
     IS_DIVISIBLE : tl.constexpr = <config>
@@ -112,9 +112,9 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     K = arg_K
     V = arg_V
     LSE = arg_LSE
-    KV_NUM_BLKS = arg_KV_NUM_BLKS
-    KV_IDX = arg_KV_IDX
-    FULL_KV_NUM_BLKS = arg_FULL_KV_NUM_BLKS
+    KV_NUM_BLKS = arg_FULL_KV_IDX
+    KV_IDX = arg_FULL_KV_IDX
+    FULL_KV_NUM_BLKS = arg_FULL_KV_IDX + 1
     FULL_KV_IDX = arg_FULL_KV_IDX
 
     # m_i is kept in the log2 domain (the loop uses exp2); lse is natural.
@@ -167,7 +167,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
     kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
     acc, l_i, m_i = _inner(
-        arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, out_ptr0,
+        arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, out_ptr0,
         q, K_base, V_base, kv_row, stride_in, kv_num, acc, l_i, m_i,
         off_z, off_h, offs_m, offs_d, offs_v,
         stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
@@ -178,7 +178,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
         kv_num = tl.load(FULL_KV_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_m * stride_fnm)
         kv_row = FULL_KV_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_m * stride_fim
         acc, l_i, m_i = _inner(
-            arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, out_ptr0,
+            arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, out_ptr0,
             q, K_base, V_base, kv_row, stride_fin, kv_num, acc, l_i, m_i,
             off_z, off_h, offs_m, offs_d, offs_v,
             stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
@@ -204,7 +204,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
 
 @triton.jit
 def _inner(
-    arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, out_ptr0,
+    arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, out_ptr0,
     q, K_base, V_base, kv_row, stride_row, kv_num, acc, l_i, m_i,
     off_z, off_h, offs_m, offs_d, offs_v,
     stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
@@ -544,7 +544,7 @@ def _inner(
         alibi = mods.alibi(4, device=DEVICE)
         source = kernel_source(lambda q, k, v: flex_attention(q, k, v, score_mod=alibi), *_qkv())
         self.assertExpectedInline(source, """\
-def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, in_ptr8, out_ptr0):
+def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, in_ptr5, out_ptr0):
     BLOCK_M : tl.constexpr = <config>
     BLOCK_N : tl.constexpr = <config>
     IS_DIVISIBLE : tl.constexpr = <config>
@@ -568,9 +568,9 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     K = arg_K
     V = arg_V
     LSE = arg_LSE
-    KV_NUM_BLKS = arg_KV_NUM_BLKS
-    KV_IDX = arg_KV_IDX
-    FULL_KV_NUM_BLKS = arg_FULL_KV_NUM_BLKS
+    KV_NUM_BLKS = arg_FULL_KV_IDX
+    KV_IDX = arg_FULL_KV_IDX
+    FULL_KV_NUM_BLKS = arg_FULL_KV_IDX + 1
     FULL_KV_IDX = arg_FULL_KV_IDX
 
     # m_i is kept in the log2 domain (the loop uses exp2); lse is natural.
@@ -623,7 +623,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
     kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
     acc, l_i, m_i = _inner(
-        arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, in_ptr8, out_ptr0,
+        arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, in_ptr5, out_ptr0,
         q, K_base, V_base, kv_row, stride_in, kv_num, acc, l_i, m_i,
         off_z, off_h, offs_m, offs_d, offs_v,
         stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
@@ -634,7 +634,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
         kv_num = tl.load(FULL_KV_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_m * stride_fnm)
         kv_row = FULL_KV_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_m * stride_fim
         acc, l_i, m_i = _inner(
-            arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, in_ptr8, out_ptr0,
+            arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, in_ptr5, out_ptr0,
             q, K_base, V_base, kv_row, stride_fin, kv_num, acc, l_i, m_i,
             off_z, off_h, offs_m, offs_d, offs_v,
             stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
@@ -660,7 +660,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
 
 @triton.jit
 def _inner(
-    arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, in_ptr8, out_ptr0,
+    arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, in_ptr5, out_ptr0,
     q, K_base, V_base, kv_row, stride_row, kv_num, acc, l_i, m_i,
     off_z, off_h, offs_m, offs_d, offs_v,
     stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
@@ -722,7 +722,7 @@ def _inner(
                 qk *= SM_SCALE
             tmp0 = (qk)
             tmp1 = (off_h)
-            tmp2 = tl.load(in_ptr8 + tmp1)
+            tmp2 = tl.load(in_ptr5 + tmp1)
             tmp3 = (kv_idx)
             tmp4 = (q_idx)
             tmp5 = tmp3 - tmp4
