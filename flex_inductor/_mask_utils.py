@@ -177,9 +177,14 @@ def evaluate_blocks(
     Returns:
         A bool tensor.
     """
+    return _evaluate_checked(mask_mod, vmapped, (b, h, q, kv), expected_dim=3)
+
+
+def _evaluate_checked(mask_mod: Callable, vmapped: MaskMod, args, expected_dim: int) -> Tensor:
+    """``vmapped(*args)`` in evaluation mode, its result checked to be a bool mask."""
     with evaluation_mode():
-        out = vmapped(b, h, q, kv)
-    _check_result(mask_mod, out, expected_dim=3)
+        out = vmapped(*args)
+    _check_result(mask_mod, out, expected_dim=expected_dim)
     return out
 
 
@@ -200,10 +205,7 @@ def evaluate(
         A bool tensor; dimensions the mask does not depend on may be stride-0
         expansions.
     """
-    with evaluation_mode():
-        out = vmapped(b, h, q, kv)
-    _check_result(mask_mod, out, expected_dim=4)
-    return out
+    return _evaluate_checked(mask_mod, vmapped, (b, h, q, kv), expected_dim=4)
 
 
 @dataclass(frozen=True)
