@@ -9,6 +9,7 @@ and ``lowering/backward_configs.py`` (see benchmarks/NOTES.md).
 
     python benchmarks/tune_configs.py --shape 8,16,16,2048,64 --mode fwd,bwd
     python benchmarks/tune_configs.py --shape 4,16,16,8192,128 --variant alibi --mode fwd
+    python benchmarks/tune_configs.py --shape 8,16,16,2048,64 --kernel-options '{"USE_TMA": true}'
 
 ``--variant`` takes any name of ``bench_attention.VARIANT_NAMES``, or
 ``alibi_float_idx``: ALiBi written with the indices converted to float before
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import sys
 
@@ -84,8 +86,12 @@ def main(argv=None) -> int:
     parser.add_argument("--bwd-n1", default="64,128")
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--stages", default="2,3,4")
+    parser.add_argument(
+        "--kernel-options", default="{}", help='JSON kernel_options, e.g. {"USE_TMA": false}'
+    )
     args = parser.parse_args(argv)
     B, Hq, Hkv, S, D = _ints(args.shape)
+    kernel_options = json.loads(args.kernel_options)
     dev, dtype = "cuda", torch.bfloat16
     logging.getLogger("flex_inductor").setLevel(logging.INFO)
     logging.basicConfig(format="%(message)s")
@@ -104,7 +110,10 @@ def main(argv=None) -> int:
         attend = torch.compile(fi.flex_attention, mode="max-autotune-no-cudagraphs")
 
         def call(attend=attend, q=q, k=k, v=v, grad=grad):
-            out = attend(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=Hq != Hkv)
+            out = attend(
+                q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=Hq != Hkv,
+                kernel_options=kernel_options,
+            )
             if grad:
                 out.backward(torch.ones_like(out))
             return out

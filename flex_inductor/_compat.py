@@ -766,6 +766,35 @@ def require_stride1(node):
     return inductor_api().ir.ExternKernel.require_stride1(node)
 
 
+def copy_input(node):
+    """A realized contiguous copy of ``node`` on its own device (``ExternKernel.copy_input``)."""
+    return inductor_api().ir.ExternKernel.copy_input(node)
+
+
+def pointwise_copy(node, device, size):
+    """A realized buffer of ``size`` on ``device``, every element ``node``'s one value.
+
+    Args:
+        node: A 0-d IR node; a GPU kernel may read a 0-d CPU buffer (by value).
+        device: The device of the new buffer.
+        size: Its sizes.
+    """
+    ir = inductor_api().ir
+    load = node.make_loader()
+    copy = ir.Pointwise.create(
+        device=device, dtype=node.get_dtype(), inner_fn=lambda index: load(()), ranges=size
+    )
+    copy.realize()
+    return copy
+
+
+def required_storage_length(sizes, strides, offset: int) -> int:
+    """Elements a storage needs to hold a strided view (``torch._prims_common``)."""
+    from torch._prims_common import compute_required_storage_length
+
+    return int(compute_required_storage_length(sizes, strides, offset))
+
+
 def statically_known_equals(left, right) -> bool:
     """Whether two (possibly symbolic) sizes are equal for every value of their symbols."""
     return bool(inductor_api().V.graph.sizevars.statically_known_equals(left, right))

@@ -46,6 +46,9 @@ KERNEL_OPTION_KEYS: set[str] = {
     "DETERMINISTIC",
     "SPLIT_KV",
     "BACKEND",
+    "USE_TMA",
+    "WARP_SPECIALIZE",
+    "LONGEST_FIRST",
 }
 
 

@@ -30,6 +30,7 @@ from .common import (
     device_can_use_templates,
     exp2_factor,
     fixed_inputs,
+    fixed_mod_buffers,
     float32_precision,
     is_identity_score_mod,
     is_symbolic_scalar,
@@ -39,7 +40,9 @@ from .common import (
     sizes_are_static_multiple,
     static_float,
     static_int,
+    use_tma,
 )
+from .configs import use_tma_by_default
 from .fallback import dense_backward_fallback
 from .scatter import UnsupportedScatter, collect_gradient_buffers
 from .subgraph import JOINT_ARGS, first_output_only, lower_mod
@@ -124,8 +127,8 @@ def _lower_with_templates(
 
     # The mods first: a mod that cannot be inlined raises here, before delta
     # and the gradient buffers exist, and the dense backward takes over.
-    score_buffers = fixed_inputs(*score_mod_buffers)
-    mask_buffers = fixed_inputs(*mask_mod_buffers)
+    score_buffers = fixed_mod_buffers(score_mod_buffers, device)
+    mask_buffers = fixed_mod_buffers(mask_mod_buffers, device)
     score_sub = lower_score_mod(fw_graph, score_buffers, device)
     mask_sub = lower_mask_mod(mask_mod, mask_buffers, device)
     names = [
@@ -175,6 +178,11 @@ def _lower_with_templates(
         IS_DIVISIBLE=divisible,
         HAS_FULL_BLOCKS=has_full,
         FLOAT32_PRECISION=float32_precision(),
+        # dK/dV loops over Q and dO tiles, dQ over K and V tiles.
+        USE_TMA=use_tma(
+            options, use_tma_by_default(static_int(E), device), device, query, key, value, grad_out
+        ),
+        LONGEST_FIRST=bool(options.get("LONGEST_FIRST", configs.LONGEST_FIRST)),
     )
 
     # dK and dV (and the captured-tensor gradients).
@@ -221,7 +229,7 @@ def _lower_with_templates(
         choices,
         [*dkdv_inputs, *grad_buffers, *buffers],
         dk_layout,
-        input_gen_fns=block_mask_input_gen_fns(first_index=7, kv_len=L, kv_block=q_block),
+        input_gen_fns=block_mask_input_gen_fns(dkdv_inputs, 7, kv_len=L, kv_block=q_block),
         return_choice=True,
     )
     _log_choice("dK/dV", choice, choices, dkdv_configs, ("BLOCK_M1", "BLOCK_N1"))
@@ -271,7 +279,7 @@ def _lower_with_templates(
         choices,
         [*dq_inputs, *buffers],
         dq_layout,
-        input_gen_fns=block_mask_input_gen_fns(first_index=6, kv_len=S, kv_block=kv_block),
+        input_gen_fns=block_mask_input_gen_fns(dq_inputs, 6, kv_len=S, kv_block=kv_block),
         return_choice=True,
     )
     _log_choice("dQ", choice, choices, dq_configs, ("BLOCK_M2", "BLOCK_N2"))

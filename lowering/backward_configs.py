@@ -19,6 +19,10 @@ class BackwardConfig:
     num_stages: int
 
 
+# dQ's query blocks launched last-first, unless kernel_options say otherwise:
+# no gain measured (benchmarks/NOTES.md entry 9). TMA: the forward's rule.
+LONGEST_FIRST = False
+
 # Hopper, by head dim bound. dK/dV keeps k, v, dk and dv resident (BLOCK_N1
 # rows each), so it wants BLOCK_N1 large and BLOCK_M1 small; dQ the reverse.
 _SM90 = {

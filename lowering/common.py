@@ -46,6 +46,44 @@ def fixed_inputs(*nodes):
     return [n if n is None or is_symbolic_scalar(n) else _realize(n) for n in nodes]
 
 
+def fixed_mod_buffers(buffers, device):
+    """The tensors a mod captures, realized for the template that inlines the mod.
+
+    As :func:`fixed_inputs`, except that a 0-d CPU tensor becomes a
+    one-element buffer on ``device``, viewed as 0-d. Inductor passes a 0-d
+    CPU buffer to a Triton kernel by value (a graph input always, another
+    buffer when a GPU kernel reads it), but a template's ``modification``
+    loads every captured tensor through a pointer (``tl.load(ptr + 0)``).
+
+    Args:
+        buffers: The mod's captured tensors (IR nodes) and symbolic scalars.
+        device: The device of the kernel that inlines the mod.
+
+    Returns:
+        One IR node (or symbolic scalar, passed through) per buffer.
+    """
+    return [_scalar_in_memory(n, device) for n in fixed_inputs(*buffers)]
+
+
+def _scalar_in_memory(node, device):
+    """``node``, or for a 0-d CPU tensor a copy on ``device`` read through a pointer."""
+    if node is None or is_symbolic_scalar(node):
+        return node
+    if len(node.get_size()) != 0 or node.get_device().type != "cpu":
+        return node
+    ir = _ind.ir
+    if isinstance(node, ir.BaseView):
+        # A 0-d view into a larger CPU tensor is passed as a pointer, which a
+        # GPU kernel cannot read: first a 0-d buffer of its own, which the copy
+        # below then reads by value, as Inductor's own pointwise ops do.
+        node = _compat.copy_input(node)
+    # A 1-element buffer is never passed by value (only 0-d ones are); the mod
+    # was traced on a 0-d tensor, so it reads the copy through a 0-d view.
+    copy = _compat.pointwise_copy(node, device, [1])
+    layout = ir.FixedLayout(device, node.get_dtype(), [], [])
+    return ir.ReinterpretView(data=copy.data, layout=layout)
+
+
 def _realize(node):
     """``node`` realized with strides a template can read, copied only when needed.
 
@@ -130,32 +168,90 @@ def sizes_are_static_multiple(size, block: int) -> bool:
     return bool(_ind.V.graph.sizevars.statically_known_multiple_of(size, block))
 
 
-def block_mask_input_gen_fns(first_index: int, kv_len, kv_block: int) -> dict:
-    """Autotuning inputs for the four BlockMask tensors at ``first_index``.
+def use_tma(options: dict, default: bool, device, *nodes) -> bool:
+    """Whether a kernel loads its looped-over tiles through TMA tensor descriptors.
+
+    ``kernel_options["USE_TMA"]`` asks for it (or refuses it); else ``default``
+    (the kernel's config table) decides. TMA needs Hopper or later (or Triton's interpreter,
+    which emulates descriptors) and 16-byte aligned ``nodes``: without them
+    the kernel uses plain loads, with a debug log if TMA was asked for.
+    """
+    wanted = options.get("USE_TMA")
+    wanted = default if wanted is None else bool(wanted)
+    if not wanted:
+        return False
+    if device.type == "cuda":
+        capable = torch.cuda.get_device_capability(device)[0] >= 9
+    else:
+        capable = interpret_mode()
+    if capable and tma_compatible(*nodes):
+        return True
+    log.debug("flex_inductor: USE_TMA needs sm90+ and 16-byte aligned inputs; not used")
+    return False
+
+
+def tma_compatible(*nodes) -> bool:
+    """Whether Hopper's TMA can copy tiles of these (B, H, S, D) inputs.
+
+    A tensor descriptor needs the base address and every stride but the
+    last (which must be 1) to be multiples of 16 bytes. Strides and offsets
+    that are not static are taken as unknown, hence incompatible.
+    """
+    for node in nodes:
+        itemsize = node.get_dtype().itemsize
+        *outer, last = node.get_stride()
+        if not _compat.statically_known_equals(last, 1):
+            return False
+        offset = node.get_layout().offset
+        for value in (*outer, offset):
+            if not sizes_are_static_multiple(value * itemsize, 16):
+                return False
+    return True
+
+
+def block_mask_input_gen_fns(input_nodes, first_index: int, kv_len, kv_block: int) -> dict:
+    """Autotuning inputs for the four BlockMask tensors at ``first_index`` of ``input_nodes``.
 
     Random int32 data would index far outside K and V; benchmark instead with
-    a mask whose every row visits every kv block.
+    a mask whose every row visits every kv block. The autotuner keeps one
+    example per buffer name and passes the buffer, not the views, so views
+    of one buffer get one example for the whole buffer. The only such mask
+    is the flat all-full mask of a call without ``block_mask``, whose views
+    alias a buffer holding ``counts[c] == c`` (partial counts read entry 0,
+    full counts entry ``n_kv``, index rows entries ``0..n_kv-1``): that
+    buffer is rebuilt as it is. (Separate examples for its views would all
+    read entry 0 as their counts and time empty loops.)
     """
+    roles = dict(
+        zip(range(first_index, first_index + 4), ("num", "idx", "num", "idx"), strict=True)
+    )
+    nodes = {i: input_nodes[i] for i in roles}
+    names = [node.get_name() for node in nodes.values()]
+    n_kv = -(-_compat.size_hint(kv_len) // kv_block)
 
-    def hints(node):
-        return [_compat.size_hint(s) for s in node.get_size()]
-
-    def num_blocks(node):
-        sizes = hints(node)
-        n_kv = -(-_compat.size_hint(kv_len) // kv_block)
-        return torch.full(sizes, n_kv, dtype=torch.int32, device=node.get_device())
-
-    def indices(node):
-        sizes = hints(node)
+    def contents(node, role):
+        sizes = [_compat.size_hint(s) for s in node.get_size()]
+        if role == "num":
+            return torch.full(sizes, n_kv, dtype=torch.int32, device=node.get_device())
         row = torch.arange(sizes[-1], dtype=torch.int32, device=node.get_device())
         return row.expand(sizes).contiguous()
 
-    return {
-        first_index: num_blocks,
-        first_index + 1: indices,
-        first_index + 2: num_blocks,
-        first_index + 3: indices,
-    }
+    def counts(node):
+        numel = max(_compat.required_storage_length(*_hinted_layout(n)) for n in nodes.values())
+        return torch.arange(numel, dtype=torch.int32, device=node.get_device())
+
+    if len(set(names)) < len(names):
+        return dict.fromkeys(roles, counts)
+    return {i: (lambda node, role=role: contents(node, role)) for i, role in roles.items()}
+
+
+def _hinted_layout(node) -> tuple[list[int], list[int], int]:
+    """(sizes, strides, storage offset) of an IR node, with symbols at their hints."""
+    return (
+        [_compat.size_hint(s) for s in node.get_size()],
+        [_compat.size_hint(s) for s in node.get_stride()],
+        _compat.size_hint(node.get_layout().offset),
+    )
 
 
 def static_int(size) -> int:

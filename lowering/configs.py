@@ -28,10 +28,11 @@ class Config:
 # What a score_mod costs per score, beyond the two dots and the exp2; it moves
 # the best tile (register pressure, shared memory), so the defaults depend on it.
 NO_MODS = "none"  # no score_mod and no mask_mod: plain attention
-POINTWISE = "pointwise"  # no score_mod, or maths on the score alone (softcap)
+MASK_ONLY = "mask"  # no score_mod, a mask_mod (causal, document, sliding window)
+POINTWISE = "pointwise"  # maths on the score alone (softcap)
 POSITIONAL = "positional"  # integer arithmetic on q_idx/kv_idx per score (ALiBi)
 TABLE = "table"  # gathers a captured table of 2+ dims per score (learned bias)
-SCORE_MOD_KINDS = (NO_MODS, POINTWISE, POSITIONAL, TABLE)
+SCORE_MOD_KINDS = (NO_MODS, MASK_ONLY, POINTWISE, POSITIONAL, TABLE)
 
 # Forward defaults on Hopper, keyed by (head dim upper bound, dtype is fp32).
 # Larger head dims keep less of K/V per stage in shared memory, hence the
@@ -57,8 +58,14 @@ _SM90_FORWARD = {
 # the next best); a per-score table gather is pipelined
 # through shared memory like K and V, so it wants fewer stages and smaller
 # tiles (D128: 236 TF/s at (64, 64, 4, 2) against 162 at (128, 64, 4, 2)).
+#
+# Session 4 (NOTES.md entry 9), with K/V loaded through TMA at D128 and the
+# autotuner's inputs fixed: plain attention stays best at (128, 64, 4, 2) (4%
+# ahead of (128, 128, 8, 3)), ALiBi at (128, 128, 8, 3) (5% ahead); masks
+# without a score_mod moved to (128, 64, 4, 2) (document 7%, causal 2% ahead).
 _SM90_FORWARD_BY_KIND = {
     (128, NO_MODS): Config(128, 64, 4, 2),
+    (128, MASK_ONLY): Config(128, 64, 4, 2),
     (64, POSITIONAL): Config(128, 64, 4, 3),
     (64, TABLE): Config(128, 64, 4, 1),
     (128, TABLE): Config(64, 64, 4, 2),
@@ -95,6 +102,25 @@ FORWARD_AUTOTUNE = [
 ]
 
 
+# Query blocks launched last-first, unless kernel_options say otherwise: it
+# moved causal D128 by +2% and noop by -3% on the H100, within the noise
+# (benchmarks/NOTES.md entry 9), so it stays off.
+LONGEST_FIRST = False
+
+
+def use_tma_by_default(head_dim: int, device: torch.device) -> bool:
+    """Whether the kernels load their looped-over tiles through TMA unless told otherwise.
+
+    Measured on the H100 (benchmarks/NOTES.md entry 9): at D128 TMA made the
+    forward 0-11% faster (ALiBi most) and forward+backward 4-8%; at D64 it
+    made causal 6-10% slower with the D64 configs. Off the GPU (the
+    interpreter) it is used only when asked for.
+    """
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    return 64 < head_dim <= 128
+
+
 def _table_lookup(table: dict, head_dim: int, is_fp32: bool) -> Config:
     for bound in (64, 128, 256):
         if head_dim <= bound:
@@ -103,7 +129,7 @@ def _table_lookup(table: dict, head_dim: int, is_fp32: bool) -> Config:
 
 
 def default_forward_config(
-    head_dim: int, dtype: torch.dtype, device: torch.device, score_mod_kind: str = POINTWISE
+    head_dim: int, dtype: torch.dtype, device: torch.device, score_mod_kind: str = MASK_ONLY
 ) -> Config:
     """The forward config used when not autotuning.
 

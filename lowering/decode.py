@@ -19,6 +19,7 @@ from flex_inductor import _compat
 from .common import (
     declare_subgraph_symbols,
     fixed_inputs,
+    fixed_mod_buffers,
     float32_precision,
     is_symbolic_scalar,
     lower_mods_or_warn,
@@ -114,8 +115,8 @@ def lower_decode(
         full_kv_num_blocks if has_full else kv_num_blocks,
         full_kv_indices if has_full else kv_indices,
     )
-    score_buffers = fixed_inputs(*score_mod_buffers)
-    mask_buffers = fixed_inputs(*mask_mod_buffers)
+    score_buffers = fixed_mod_buffers(score_mod_buffers, device)
+    mask_buffers = fixed_mod_buffers(mask_mod_buffers, device)
     subs = lower_mods_or_warn(
         "flex_inductor_decode", score_mod, mask_mod, score_buffers, mask_buffers, device
     )

@@ -31,6 +31,7 @@ from .common import (
     device_can_use_templates,
     exp2_factor,
     fixed_inputs,
+    fixed_mod_buffers,
     float32_precision,
     interpret_mode,
     is_identity_score_mod,
@@ -41,6 +42,7 @@ from .common import (
     sizes_are_static_multiple,
     static_float,
     static_int,
+    use_tma,
 )
 from .decode import decode_eligible, lower_decode
 from .templates import forward_template
@@ -97,8 +99,8 @@ def lower_forward(
         full_kv_num_blocks if has_full else kv_num_blocks,
         full_kv_indices if has_full else kv_indices,
     )
-    score_buffers = fixed_inputs(*score_mod_buffers)
-    mask_buffers = fixed_inputs(*mask_mod_buffers)
+    score_buffers = fixed_mod_buffers(score_mod_buffers, device)
+    mask_buffers = fixed_mod_buffers(mask_mod_buffers, device)
     subs = lower_mods_or_warn(
         "flex_inductor_fwd", score_mod, mask_mod, score_buffers, mask_buffers, device
     )
@@ -136,6 +138,9 @@ def lower_forward(
         ROWS_GUARANTEED_SAFE=bool(options.get("ROWS_GUARANTEED_SAFE", False)),
         OUTPUT_LOGSUMEXP=write_lse,
         FLOAT32_PRECISION=float32_precision(),
+        USE_TMA=use_tma(options, configs.use_tma_by_default(E, device), device, key, value),
+        WARP_SPECIALIZE=bool(options.get("WARP_SPECIALIZE", False)),
+        LONGEST_FIRST=bool(options.get("LONGEST_FIRST", configs.LONGEST_FIRST)),
     )
     input_nodes = [query, key, value, lse, *sparse]
     choices: list = []
@@ -180,7 +185,7 @@ def lower_forward(
         choices,
         [*input_nodes, *buffers],
         out_layout,
-        input_gen_fns=block_mask_input_gen_fns(first_index=4, kv_len=S, kv_block=kv_block),
+        input_gen_fns=block_mask_input_gen_fns(input_nodes, 4, kv_len=S, kv_block=kv_block),
         return_choice=True,
     )
     chosen = chosen_config(choice, choices, configs_of_choices)
@@ -213,10 +218,12 @@ def _score_mod_kind(score_mod, mask_mod) -> str:
     score_args = _placeholders(score_mod)
     if any(n.users for n in score_args[3:5]):
         return configs.POSITIONAL
+    if not is_identity_score_mod(score_mod):
+        return configs.POINTWISE
     # A mask_mod that reads none of its arguments keeps everything (noop_mask).
-    if is_identity_score_mod(score_mod) and not any(n.users for n in _placeholders(mask_mod)):
+    if not any(n.users for n in _placeholders(mask_mod)):
         return configs.NO_MODS
-    return configs.POINTWISE
+    return configs.MASK_ONLY
 
 
 def _placeholders(subgraph) -> list:
@@ -249,7 +256,7 @@ _GATHERS = (torch.ops.aten.index.Tensor, torch.ops.aten.gather.default, torch.op
 
 
 def _candidate_configs(
-    head_dim, dtype, device, options, q_block, kv_block, score_mod_kind=configs.POINTWISE
+    head_dim, dtype, device, options, q_block, kv_block, score_mod_kind=configs.MASK_ONLY
 ):
     """The default config, or every autotuning candidate under max-autotune.
 

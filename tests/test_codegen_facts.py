@@ -241,3 +241,70 @@ def test_autotuning_logs_candidates_and_choice(device, caplog, monkeypatch):
     ]
     assert len(start) == 1 and len(done) == 1, lines
     assert re.search(r"chose BLOCK_M=\d+ BLOCK_N=\d+ num_warps=\d+ num_stages=\d+", done[0])
+
+
+@pytest.mark.parametrize("with_block_mask", [False, True], ids=["flat_full_mask", "block_mask"])
+def test_autotuning_examples_visit_every_kv_block(device, monkeypatch, with_block_mask):
+    """The mask tensors the autotuner benchmarks with make every row visit every kv block.
+
+    Without ``block_mask`` the four mask tensors are views of one buffer, and
+    the autotuner keeps one example per buffer name: every view's generator
+    must produce that whole buffer, each view reading its own entries.
+    """
+    import flex_inductor.lowering.forward as forward
+    import torch._inductor.config as inductor_config
+
+    from flex_inductor import _compat
+
+    if device == "cpu":
+        monkeypatch.setattr(configs, "INTERPRETER_AUTOTUNE", [TINY, configs.Config(32, 16, 1, 1)])
+    seen = []  # (buffer name, view layout, role, example)
+    real = forward.block_mask_input_gen_fns
+
+    def recording(input_nodes, first_index, kv_len, kv_block):
+        fns = real(input_nodes, first_index, kv_len, kv_block)
+
+        def wrap(i, fn):
+            def generate(node):
+                example = fn(node)
+                view = input_nodes[i]
+                layout = (
+                    [_compat.size_hint(s) for s in view.get_size()],
+                    [_compat.size_hint(s) for s in view.get_stride()],
+                    _compat.size_hint(view.get_layout().offset),
+                )
+                seen.append((view.get_name(), layout, (i - first_index) % 2, example))
+                return example
+
+            return generate
+
+        return {i: wrap(i, fn) for i, fn in fns.items()}
+
+    monkeypatch.setattr(forward, "block_mask_input_gen_fns", recording)
+    L, S = 32, 64
+    q, k, v = _qkv(L=L, S=S, device=device)
+    # Blocks of 32 rows: both candidate tiles fit, so the autotuner runs.
+    bm = create_block_mask(masks.causal(), None, None, L, S, device=device, BLOCK_SIZE=32)
+    mask = bm if with_block_mask else None
+    # A cached compile would skip the lowering, and with it the autotuner.
+    with inductor_config.patch(max_autotune=True, force_disable_caches=True):
+        _compile(lambda q, k, v: flex_attention(q, k, v, block_mask=mask), q, k, v)
+    assert len(seen) == 4
+    n_kv = -(-S // (32 if with_block_mask else 128))
+    kept = {name: example for name, _, _, example in seen}  # the autotuner keeps the last
+    views = {}
+    for name, layout, is_index, example in seen:
+        assert torch.equal(example, kept[name])
+        # A shared buffer arrives flat; the kernel reads it through the view.
+        shared = sum(n == name for n, *_ in seen) > 1
+        views.setdefault(is_index, []).append(
+            kept[name].as_strided(*layout) if shared else kept[name]
+        )
+    for index_rows in views[1]:
+        expected = torch.arange(index_rows.shape[-1], dtype=torch.int32).expand(index_rows.shape)
+        assert torch.equal(index_rows.cpu(), expected)
+        assert index_rows.shape[-1] >= n_kv
+    partial, full = views[0]
+    # Every row visits every kv block (as partial, full, or both).
+    assert ((partial >= n_kv) | (partial + full == n_kv)).all(), (partial, full)
+    assert (partial + full >= n_kv).all()

@@ -667,12 +667,12 @@ def test_position_indexed_tables_cap_pipeline_stages(monkeypatch, kind, stages):
     "name, kind",
     [
         ("none", "none"),
-        ("causal", "pointwise"),
+        ("causal", "mask"),
         ("softcap", "pointwise"),
         ("alibi", "positional"),
         ("table", "table"),
         ("mask_table", "table"),
-        ("document", "pointwise"),
+        ("document", "mask"),
         ("scalar_times_positions", "positional"),
     ],
 )
@@ -701,7 +701,7 @@ def test_score_mod_kind_picks_the_default_config(monkeypatch, device, name, kind
     seen = []
     real = configs.default_forward_config
 
-    def spy(head_dim, dtype, device, score_mod_kind=configs.POINTWISE):
+    def spy(head_dim, dtype, device, score_mod_kind=configs.MASK_ONLY):
         seen.append(score_mod_kind)
         return real(head_dim, dtype, device, score_mod_kind)
 
@@ -734,6 +734,8 @@ def test_hopper_default_configs_depend_on_score_mod_kind(monkeypatch):
     assert pick(128, configs.POINTWISE) == configs.Config(128, 128, 8, 3)
     assert pick(128, configs.POSITIONAL) == configs.Config(128, 128, 8, 3)
     assert pick(128, configs.NO_MODS) == configs.Config(128, 64, 4, 2)
+    assert pick(128, configs.MASK_ONLY) == configs.Config(128, 64, 4, 2)
+    assert pick(64, configs.MASK_ONLY) == pick(64, configs.POINTWISE)
     assert pick(64, configs.NO_MODS) == pick(64, configs.POINTWISE)
     assert pick(128, configs.TABLE) == configs.Config(64, 64, 4, 2)
     # float32 keeps its own (smaller) tiles whatever the mod.

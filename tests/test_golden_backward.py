@@ -104,6 +104,8 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
     IS_DIVISIBLE : tl.constexpr = True
     HAS_FULL_BLOCKS : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
+    USE_TMA : tl.constexpr = False
+    LONGEST_FIRST : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
     Q = arg_Q
     K = arg_K
@@ -165,12 +167,26 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
         DO_base = DO + off_z * stride_doz + off_h * stride_doh
         LSE_base = LSE + off_z * stride_lz + off_h * stride_lh
         DELTA_base = DELTA + off_z * stride_dz + off_h * stride_dh
+        if USE_TMA:
+            # TMA tile copies, zero-filled past Q_LEN and the head dims (see
+            # the forward); the lowering checks the alignment they need.
+            Q_src = tl.make_tensor_descriptor(
+                Q_base, shape=[Q_LEN, QK_HEAD_DIM], strides=[stride_qm, 1],
+                block_shape=[BLOCK_M1, QK_HEAD_DIM_ROUNDED],
+            )
+            DO_src = tl.make_tensor_descriptor(
+                DO_base, shape=[Q_LEN, V_HEAD_DIM], strides=[stride_dom, 1],
+                block_shape=[BLOCK_M1, V_HEAD_DIM_ROUNDED],
+            )
+        else:
+            Q_src = Q_base
+            DO_src = DO_base
 
         q_num = tl.load(Q_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_n * stride_nn)
         q_row = Q_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_n * stride_in
         dk, dv = _dkdv_inner(
             arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, arg_DO, arg_DV, arg_Q_NUM_BLKS, arg_Q_IDX, arg_FULL_Q_NUM_BLKS, arg_FULL_Q_IDX, in_ptr11, in_ptr12, out_ptr0,
-            k, v, dk, dv, Q_base, DO_base, LSE_base, DELTA_base, q_row, stride_im, q_num,
+            k, v, dk, dv, Q_src, DO_src, LSE_base, DELTA_base, q_row, stride_im, q_num,
             off_z, off_h, offs_n, offs_d, offs_v,
             stride_qm, stride_qk, stride_dom, stride_dok, stride_lm, stride_dm, Q_LEN, KV_LEN,
             IS_FULL_BLOCKS=False,
@@ -180,7 +196,7 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
             q_row = FULL_Q_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_n * stride_fin
             dk, dv = _dkdv_inner(
                 arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, arg_DO, arg_DV, arg_Q_NUM_BLKS, arg_Q_IDX, arg_FULL_Q_NUM_BLKS, arg_FULL_Q_IDX, in_ptr11, in_ptr12, out_ptr0,
-                k, v, dk, dv, Q_base, DO_base, LSE_base, DELTA_base, q_row, stride_fim, q_num,
+                k, v, dk, dv, Q_src, DO_src, LSE_base, DELTA_base, q_row, stride_fim, q_num,
                 off_z, off_h, offs_n, offs_d, offs_v,
                 stride_qm, stride_qk, stride_dom, stride_dok, stride_lm, stride_dm, Q_LEN, KV_LEN,
                 IS_FULL_BLOCKS=True,
@@ -202,7 +218,7 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
 @triton.jit
 def _dkdv_inner(
     arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, arg_DO, arg_DV, arg_Q_NUM_BLKS, arg_Q_IDX, arg_FULL_Q_NUM_BLKS, arg_FULL_Q_IDX, in_ptr11, in_ptr12, out_ptr0,
-    k, v, dk, dv, Q_base, DO_base, LSE_base, DELTA_base, q_row, stride_row, q_num,
+    k, v, dk, dv, Q_src, DO_src, LSE_base, DELTA_base, q_row, stride_row, q_num,
     off_z, off_h, offs_n, offs_d, offs_v,
     stride_qm, stride_qk, stride_dom, stride_dok, stride_lm, stride_dm, Q_LEN, KV_LEN,
     IS_FULL_BLOCKS: tl.constexpr,
@@ -224,6 +240,8 @@ def _dkdv_inner(
     IS_DIVISIBLE : tl.constexpr = True
     HAS_FULL_BLOCKS : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
+    USE_TMA : tl.constexpr = False
+    LONGEST_FIRST : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
 
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -239,10 +257,13 @@ def _dkdv_inner(
         offs_m = start_m + tl.arange(0, BLOCK_M1)
         row_ok = offs_m < Q_LEN
 
-        q = tl.load(
-            Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
-            mask=row_ok[:, None] & (offs_d[None, :] < QK_HEAD_DIM), other=0.0,
-        )
+        if USE_TMA:
+            q = Q_src.load([start_m, 0])
+        else:
+            q = tl.load(
+                Q_src + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
+                mask=row_ok[:, None] & (offs_d[None, :] < QK_HEAD_DIM), other=0.0,
+            )
         qkT = tl.dot(k, tl.trans(q), input_precision=FLOAT32_PRECISION)
         q_idx = tl.minimum(offs_m, Q_LEN - 1)[None, :]
         if SCORE_MOD_IS_IDENTITY:
@@ -279,10 +300,13 @@ def _dkdv_inner(
         # One fused multiply-add per score (see EXP2_FACTOR in the forward).
         pT = tl.math.exp2(post_mod_scores * EXP2_FACTOR - lse[None, :])
 
-        do = tl.load(
-            DO_base + offs_m[:, None] * stride_dom + offs_v[None, :] * stride_dok,
-            mask=row_ok[:, None] & (offs_v[None, :] < V_HEAD_DIM), other=0.0,
-        )
+        if USE_TMA:
+            do = DO_src.load([start_m, 0])
+        else:
+            do = tl.load(
+                DO_src + offs_m[:, None] * stride_dom + offs_v[None, :] * stride_dok,
+                mask=row_ok[:, None] & (offs_v[None, :] < V_HEAD_DIM), other=0.0,
+            )
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=FLOAT32_PRECISION)
         delta = tl.load(DELTA_base + offs_m * stride_dm, mask=row_ok, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=FLOAT32_PRECISION)
@@ -334,6 +358,8 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
     IS_DIVISIBLE : tl.constexpr = True
     HAS_FULL_BLOCKS : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
+    USE_TMA : tl.constexpr = False
+    LONGEST_FIRST : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
     Q = arg_Q
     K = arg_K
@@ -363,6 +389,9 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
     SPARSE_H = 1
 
     start_m = tl.program_id(0)
+    if LONGEST_FIRST:
+        # Longest rows first under causal-like masks (see the forward).
+        start_m = tl.num_programs(0) - 1 - start_m
     off_z = tl.program_id(1)
     off_h = tl.program_id(2)
     off_hkv = off_h // GQA_SHARED_HEADS
@@ -393,11 +422,24 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
 
     K_base = K + off_z * stride_kz + off_hkv * stride_kh
     V_base = V + off_z * stride_vz + off_hkv * stride_vh
+    if USE_TMA:
+        # TMA tile copies, zero-filled past KV_LEN and the head dims (see the forward).
+        K_src = tl.make_tensor_descriptor(
+            K_base, shape=[KV_LEN, QK_HEAD_DIM], strides=[stride_kn, 1],
+            block_shape=[BLOCK_N2, QK_HEAD_DIM_ROUNDED],
+        )
+        V_src = tl.make_tensor_descriptor(
+            V_base, shape=[KV_LEN, V_HEAD_DIM], strides=[stride_vn, 1],
+            block_shape=[BLOCK_N2, V_HEAD_DIM_ROUNDED],
+        )
+    else:
+        K_src = K_base
+        V_src = V_base
     kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
     kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
     dq = _dq_inner(
         arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, arg_DO, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, in_ptr10, out_ptr0,
-        q, do, lse, delta, dq, K_base, V_base, kv_row, stride_in, kv_num,
+        q, do, lse, delta, dq, K_src, V_src, kv_row, stride_in, kv_num,
         off_z, off_h, offs_m, offs_d, offs_v,
         stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
         IS_FULL_BLOCKS=False,
@@ -407,7 +449,7 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
         kv_row = FULL_KV_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_m * stride_fim
         dq = _dq_inner(
             arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, arg_DO, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, in_ptr10, out_ptr0,
-            q, do, lse, delta, dq, K_base, V_base, kv_row, stride_fin, kv_num,
+            q, do, lse, delta, dq, K_src, V_src, kv_row, stride_fin, kv_num,
             off_z, off_h, offs_m, offs_d, offs_v,
             stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
             IS_FULL_BLOCKS=True,
@@ -425,7 +467,7 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
 @triton.jit
 def _dq_inner(
     arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, arg_DO, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, in_ptr10, out_ptr0,
-    q, do, lse, delta, dq, K_base, V_base, kv_row, stride_row, kv_num,
+    q, do, lse, delta, dq, K_src, V_src, kv_row, stride_row, kv_num,
     off_z, off_h, offs_m, offs_d, offs_v,
     stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
     IS_FULL_BLOCKS: tl.constexpr,
@@ -446,6 +488,8 @@ def _dq_inner(
     IS_DIVISIBLE : tl.constexpr = True
     HAS_FULL_BLOCKS : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
+    USE_TMA : tl.constexpr = False
+    LONGEST_FIRST : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
 
     KV_STEPS: tl.constexpr = SPARSE_KV_BLOCK_SIZE // BLOCK_N2
@@ -461,10 +505,13 @@ def _dq_inner(
         col_ok = offs_n < KV_LEN
 
         # K and V are read in their stored layout and transposed in the dots.
-        k = tl.load(
-            K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk,
-            mask=col_ok[:, None] & (offs_d[None, :] < QK_HEAD_DIM), other=0.0,
-        )
+        if USE_TMA:
+            k = K_src.load([start_n, 0])
+        else:
+            k = tl.load(
+                K_src + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk,
+                mask=col_ok[:, None] & (offs_d[None, :] < QK_HEAD_DIM), other=0.0,
+            )
         qk = tl.dot(q, tl.trans(k), input_precision=FLOAT32_PRECISION)
         kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
         if SCORE_MOD_IS_IDENTITY:
@@ -497,10 +544,13 @@ def _dq_inner(
         # lse arrives in the log2 domain: one fused multiply-add per score.
         p = tl.math.exp2(post_mod_scores * EXP2_FACTOR - lse[:, None])
 
-        v = tl.load(
-            V_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vk,
-            mask=col_ok[:, None] & (offs_v[None, :] < V_HEAD_DIM), other=0.0,
-        )
+        if USE_TMA:
+            v = V_src.load([start_n, 0])
+        else:
+            v = tl.load(
+                V_src + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vk,
+                mask=col_ok[:, None] & (offs_v[None, :] < V_HEAD_DIM), other=0.0,
+            )
         dp = tl.dot(do, tl.trans(v), input_precision=FLOAT32_PRECISION)
         ds = p * (dp - delta[:, None])
         if SCORE_MOD_IS_IDENTITY:

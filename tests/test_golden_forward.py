@@ -107,6 +107,9 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
     OUTPUT_LOGSUMEXP : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
+    USE_TMA : tl.constexpr = False
+    WARP_SPECIALIZE : tl.constexpr = False
+    LONGEST_FIRST : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
     Q = arg_Q
     K = arg_K
@@ -136,6 +139,11 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
     SPARSE_H = 1
 
     start_m = tl.program_id(0)
+    if LONGEST_FIRST:
+        # Programs start in launch order. Under a causal-like mask the last
+        # query blocks have the most kv blocks: starting them first leaves
+        # the short ones to fill the last wave, instead of one long block.
+        start_m = tl.num_programs(0) - 1 - start_m
     off_z = tl.program_id(1)
     off_h = tl.program_id(2)
     # GQA: consecutive query heads share one kv head.
@@ -162,13 +170,28 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
 
     K_base = K + off_z * stride_kz + off_hkv * stride_kh
     V_base = V + off_z * stride_vz + off_hkv * stride_vh
+    if USE_TMA:
+        # Hopper's TMA copies whole tiles to shared memory without per-thread
+        # addresses, and zero-fills rows past KV_LEN and columns past the
+        # head dim. The lowering checks the 16-byte alignment it needs.
+        K_desc = tl.make_tensor_descriptor(
+            K_base, shape=[KV_LEN, QK_HEAD_DIM], strides=[stride_kn, 1],
+            block_shape=[BLOCK_N, QK_HEAD_DIM_ROUNDED],
+        )
+        V_desc = tl.make_tensor_descriptor(
+            V_base, shape=[KV_LEN, V_HEAD_DIM], strides=[stride_vn, 1],
+            block_shape=[BLOCK_N, V_HEAD_DIM_ROUNDED],
+        )
+    else:
+        K_desc = K_base
+        V_desc = V_base
 
     # Partial blocks: mask_mod decides position by position.
     kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
     kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
     acc, l_i, m_i = _inner(
         arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, out_ptr0,
-        q, K_base, V_base, kv_row, stride_in, kv_num, acc, l_i, m_i,
+        q, K_desc, V_desc, kv_row, stride_in, kv_num, acc, l_i, m_i,
         off_z, off_h, offs_m, offs_d, offs_v,
         stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
         IS_FULL_BLOCKS=False,
@@ -179,7 +202,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
         kv_row = FULL_KV_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_m * stride_fim
         acc, l_i, m_i = _inner(
             arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, out_ptr0,
-            q, K_base, V_base, kv_row, stride_fin, kv_num, acc, l_i, m_i,
+            q, K_desc, V_desc, kv_row, stride_fin, kv_num, acc, l_i, m_i,
             off_z, off_h, offs_m, offs_d, offs_v,
             stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
             IS_FULL_BLOCKS=True,
@@ -205,7 +228,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
 @triton.jit
 def _inner(
     arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, out_ptr0,
-    q, K_base, V_base, kv_row, stride_row, kv_num, acc, l_i, m_i,
+    q, K_src, V_src, kv_row, stride_row, kv_num, acc, l_i, m_i,
     off_z, off_h, offs_m, offs_d, offs_v,
     stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
     IS_FULL_BLOCKS: tl.constexpr,
@@ -229,6 +252,9 @@ def _inner(
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
     OUTPUT_LOGSUMEXP : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
+    USE_TMA : tl.constexpr = False
+    WARP_SPECIALIZE : tl.constexpr = False
+    LONGEST_FIRST : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
 
     # Each sparse kv block is covered by SPARSE_KV_BLOCK_SIZE // BLOCK_N steps.
@@ -244,16 +270,20 @@ def _inner(
     # loads can be software-pipelined. Padding entries of the index row are
     # valid block numbers, so the look-ahead load never leaves the row.
     start_n = tl.load(kv_row) * SPARSE_KV_BLOCK_SIZE
-    for step in range(0, num_steps):
+    for step in tl.range(0, num_steps, warp_specialize=WARP_SPECIALIZE):
         offs_n = start_n + tl.arange(0, BLOCK_N)
 
         # K is read in its stored (BLOCK_N, D) layout and transposed in the
         # dot, which Hopper's tensor cores take for free from shared memory.
-        k_ptrs = K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk
-        if IS_DIVISIBLE:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < QK_HEAD_DIM, other=0.0)
+        # K_src and V_src are tensor descriptors under USE_TMA, else pointers.
+        if USE_TMA:
+            k = K_src.load([start_n, 0])
         else:
-            k = tl.load(k_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_d[None, :] < QK_HEAD_DIM), other=0.0)
+            k_ptrs = K_src + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk
+            if IS_DIVISIBLE:
+                k = tl.load(k_ptrs, mask=offs_d[None, :] < QK_HEAD_DIM, other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_d[None, :] < QK_HEAD_DIM), other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=FLOAT32_PRECISION)
 
         kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
@@ -295,11 +325,14 @@ def _inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
 
-        v_ptrs = V_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vk
-        if IS_DIVISIBLE:
-            v = tl.load(v_ptrs, mask=offs_v[None, :] < V_HEAD_DIM, other=0.0)
+        if USE_TMA:
+            v = V_src.load([start_n, 0])
         else:
-            v = tl.load(v_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_v[None, :] < V_HEAD_DIM), other=0.0)
+            v_ptrs = V_src + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vk
+            if IS_DIVISIBLE:
+                v = tl.load(v_ptrs, mask=offs_v[None, :] < V_HEAD_DIM, other=0.0)
+            else:
+                v = tl.load(v_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_v[None, :] < V_HEAD_DIM), other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=FLOAT32_PRECISION)
         m_i = m_ij
 
@@ -335,6 +368,9 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
     OUTPUT_LOGSUMEXP : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
+    USE_TMA : tl.constexpr = False
+    WARP_SPECIALIZE : tl.constexpr = False
+    LONGEST_FIRST : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
     Q = arg_Q
     K = arg_K
@@ -364,6 +400,11 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     SPARSE_H = 1
 
     start_m = tl.program_id(0)
+    if LONGEST_FIRST:
+        # Programs start in launch order. Under a causal-like mask the last
+        # query blocks have the most kv blocks: starting them first leaves
+        # the short ones to fill the last wave, instead of one long block.
+        start_m = tl.num_programs(0) - 1 - start_m
     off_z = tl.program_id(1)
     off_h = tl.program_id(2)
     # GQA: consecutive query heads share one kv head.
@@ -390,13 +431,28 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
 
     K_base = K + off_z * stride_kz + off_hkv * stride_kh
     V_base = V + off_z * stride_vz + off_hkv * stride_vh
+    if USE_TMA:
+        # Hopper's TMA copies whole tiles to shared memory without per-thread
+        # addresses, and zero-fills rows past KV_LEN and columns past the
+        # head dim. The lowering checks the 16-byte alignment it needs.
+        K_desc = tl.make_tensor_descriptor(
+            K_base, shape=[KV_LEN, QK_HEAD_DIM], strides=[stride_kn, 1],
+            block_shape=[BLOCK_N, QK_HEAD_DIM_ROUNDED],
+        )
+        V_desc = tl.make_tensor_descriptor(
+            V_base, shape=[KV_LEN, V_HEAD_DIM], strides=[stride_vn, 1],
+            block_shape=[BLOCK_N, V_HEAD_DIM_ROUNDED],
+        )
+    else:
+        K_desc = K_base
+        V_desc = V_base
 
     # Partial blocks: mask_mod decides position by position.
     kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
     kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
     acc, l_i, m_i = _inner(
         arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, out_ptr0,
-        q, K_base, V_base, kv_row, stride_in, kv_num, acc, l_i, m_i,
+        q, K_desc, V_desc, kv_row, stride_in, kv_num, acc, l_i, m_i,
         off_z, off_h, offs_m, offs_d, offs_v,
         stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
         IS_FULL_BLOCKS=False,
@@ -407,7 +463,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
         kv_row = FULL_KV_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_m * stride_fim
         acc, l_i, m_i = _inner(
             arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, out_ptr0,
-            q, K_base, V_base, kv_row, stride_fin, kv_num, acc, l_i, m_i,
+            q, K_desc, V_desc, kv_row, stride_fin, kv_num, acc, l_i, m_i,
             off_z, off_h, offs_m, offs_d, offs_v,
             stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
             IS_FULL_BLOCKS=True,
@@ -433,7 +489,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
 @triton.jit
 def _inner(
     arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, out_ptr0,
-    q, K_base, V_base, kv_row, stride_row, kv_num, acc, l_i, m_i,
+    q, K_src, V_src, kv_row, stride_row, kv_num, acc, l_i, m_i,
     off_z, off_h, offs_m, offs_d, offs_v,
     stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
     IS_FULL_BLOCKS: tl.constexpr,
@@ -457,6 +513,9 @@ def _inner(
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
     OUTPUT_LOGSUMEXP : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
+    USE_TMA : tl.constexpr = False
+    WARP_SPECIALIZE : tl.constexpr = False
+    LONGEST_FIRST : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
 
     # Each sparse kv block is covered by SPARSE_KV_BLOCK_SIZE // BLOCK_N steps.
@@ -472,16 +531,20 @@ def _inner(
     # loads can be software-pipelined. Padding entries of the index row are
     # valid block numbers, so the look-ahead load never leaves the row.
     start_n = tl.load(kv_row) * SPARSE_KV_BLOCK_SIZE
-    for step in range(0, num_steps):
+    for step in tl.range(0, num_steps, warp_specialize=WARP_SPECIALIZE):
         offs_n = start_n + tl.arange(0, BLOCK_N)
 
         # K is read in its stored (BLOCK_N, D) layout and transposed in the
         # dot, which Hopper's tensor cores take for free from shared memory.
-        k_ptrs = K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk
-        if IS_DIVISIBLE:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < QK_HEAD_DIM, other=0.0)
+        # K_src and V_src are tensor descriptors under USE_TMA, else pointers.
+        if USE_TMA:
+            k = K_src.load([start_n, 0])
         else:
-            k = tl.load(k_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_d[None, :] < QK_HEAD_DIM), other=0.0)
+            k_ptrs = K_src + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk
+            if IS_DIVISIBLE:
+                k = tl.load(k_ptrs, mask=offs_d[None, :] < QK_HEAD_DIM, other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_d[None, :] < QK_HEAD_DIM), other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=FLOAT32_PRECISION)
 
         kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
@@ -525,11 +588,14 @@ def _inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
 
-        v_ptrs = V_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vk
-        if IS_DIVISIBLE:
-            v = tl.load(v_ptrs, mask=offs_v[None, :] < V_HEAD_DIM, other=0.0)
+        if USE_TMA:
+            v = V_src.load([start_n, 0])
         else:
-            v = tl.load(v_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_v[None, :] < V_HEAD_DIM), other=0.0)
+            v_ptrs = V_src + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vk
+            if IS_DIVISIBLE:
+                v = tl.load(v_ptrs, mask=offs_v[None, :] < V_HEAD_DIM, other=0.0)
+            else:
+                v = tl.load(v_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_v[None, :] < V_HEAD_DIM), other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=FLOAT32_PRECISION)
         m_i = m_ij
 
@@ -563,6 +629,9 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
     OUTPUT_LOGSUMEXP : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
+    USE_TMA : tl.constexpr = False
+    WARP_SPECIALIZE : tl.constexpr = False
+    LONGEST_FIRST : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
     Q = arg_Q
     K = arg_K
@@ -592,6 +661,11 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
     SPARSE_H = 1
 
     start_m = tl.program_id(0)
+    if LONGEST_FIRST:
+        # Programs start in launch order. Under a causal-like mask the last
+        # query blocks have the most kv blocks: starting them first leaves
+        # the short ones to fill the last wave, instead of one long block.
+        start_m = tl.num_programs(0) - 1 - start_m
     off_z = tl.program_id(1)
     off_h = tl.program_id(2)
     # GQA: consecutive query heads share one kv head.
@@ -618,13 +692,28 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
 
     K_base = K + off_z * stride_kz + off_hkv * stride_kh
     V_base = V + off_z * stride_vz + off_hkv * stride_vh
+    if USE_TMA:
+        # Hopper's TMA copies whole tiles to shared memory without per-thread
+        # addresses, and zero-fills rows past KV_LEN and columns past the
+        # head dim. The lowering checks the 16-byte alignment it needs.
+        K_desc = tl.make_tensor_descriptor(
+            K_base, shape=[KV_LEN, QK_HEAD_DIM], strides=[stride_kn, 1],
+            block_shape=[BLOCK_N, QK_HEAD_DIM_ROUNDED],
+        )
+        V_desc = tl.make_tensor_descriptor(
+            V_base, shape=[KV_LEN, V_HEAD_DIM], strides=[stride_vn, 1],
+            block_shape=[BLOCK_N, V_HEAD_DIM_ROUNDED],
+        )
+    else:
+        K_desc = K_base
+        V_desc = V_base
 
     # Partial blocks: mask_mod decides position by position.
     kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
     kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
     acc, l_i, m_i = _inner(
         arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, in_ptr5, out_ptr0,
-        q, K_base, V_base, kv_row, stride_in, kv_num, acc, l_i, m_i,
+        q, K_desc, V_desc, kv_row, stride_in, kv_num, acc, l_i, m_i,
         off_z, off_h, offs_m, offs_d, offs_v,
         stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
         IS_FULL_BLOCKS=False,
@@ -635,7 +724,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
         kv_row = FULL_KV_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_m * stride_fim
         acc, l_i, m_i = _inner(
             arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, in_ptr5, out_ptr0,
-            q, K_base, V_base, kv_row, stride_fin, kv_num, acc, l_i, m_i,
+            q, K_desc, V_desc, kv_row, stride_fin, kv_num, acc, l_i, m_i,
             off_z, off_h, offs_m, offs_d, offs_v,
             stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
             IS_FULL_BLOCKS=True,
@@ -661,7 +750,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
 @triton.jit
 def _inner(
     arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, in_ptr5, out_ptr0,
-    q, K_base, V_base, kv_row, stride_row, kv_num, acc, l_i, m_i,
+    q, K_src, V_src, kv_row, stride_row, kv_num, acc, l_i, m_i,
     off_z, off_h, offs_m, offs_d, offs_v,
     stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
     IS_FULL_BLOCKS: tl.constexpr,
@@ -685,6 +774,9 @@ def _inner(
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
     OUTPUT_LOGSUMEXP : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
+    USE_TMA : tl.constexpr = False
+    WARP_SPECIALIZE : tl.constexpr = False
+    LONGEST_FIRST : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
 
     # Each sparse kv block is covered by SPARSE_KV_BLOCK_SIZE // BLOCK_N steps.
@@ -700,16 +792,20 @@ def _inner(
     # loads can be software-pipelined. Padding entries of the index row are
     # valid block numbers, so the look-ahead load never leaves the row.
     start_n = tl.load(kv_row) * SPARSE_KV_BLOCK_SIZE
-    for step in range(0, num_steps):
+    for step in tl.range(0, num_steps, warp_specialize=WARP_SPECIALIZE):
         offs_n = start_n + tl.arange(0, BLOCK_N)
 
         # K is read in its stored (BLOCK_N, D) layout and transposed in the
         # dot, which Hopper's tensor cores take for free from shared memory.
-        k_ptrs = K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk
-        if IS_DIVISIBLE:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < QK_HEAD_DIM, other=0.0)
+        # K_src and V_src are tensor descriptors under USE_TMA, else pointers.
+        if USE_TMA:
+            k = K_src.load([start_n, 0])
         else:
-            k = tl.load(k_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_d[None, :] < QK_HEAD_DIM), other=0.0)
+            k_ptrs = K_src + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk
+            if IS_DIVISIBLE:
+                k = tl.load(k_ptrs, mask=offs_d[None, :] < QK_HEAD_DIM, other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_d[None, :] < QK_HEAD_DIM), other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=FLOAT32_PRECISION)
 
         kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
@@ -759,11 +855,14 @@ def _inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
 
-        v_ptrs = V_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vk
-        if IS_DIVISIBLE:
-            v = tl.load(v_ptrs, mask=offs_v[None, :] < V_HEAD_DIM, other=0.0)
+        if USE_TMA:
+            v = V_src.load([start_n, 0])
         else:
-            v = tl.load(v_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_v[None, :] < V_HEAD_DIM), other=0.0)
+            v_ptrs = V_src + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vk
+            if IS_DIVISIBLE:
+                v = tl.load(v_ptrs, mask=offs_v[None, :] < V_HEAD_DIM, other=0.0)
+            else:
+                v = tl.load(v_ptrs, mask=(offs_n[:, None] < KV_LEN) & (offs_v[None, :] < V_HEAD_DIM), other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=FLOAT32_PRECISION)
         m_i = m_ij
 
