@@ -256,8 +256,9 @@ def test_autotuning_examples_visit_every_kv_block(device, monkeypatch, with_bloc
 
     from flex_inductor import _compat
 
-    if device == "cpu":
-        monkeypatch.setattr(configs, "INTERPRETER_AUTOTUNE", [TINY, configs.Config(32, 16, 1, 1)])
+    # Two candidates that fit 32-row blocks, on either device, so that it autotunes.
+    for pool in ("INTERPRETER_AUTOTUNE", "FORWARD_AUTOTUNE"):
+        monkeypatch.setattr(configs, pool, [TINY, configs.Config(32, 16, 1, 1)])
     seen = []  # (buffer name, view layout, role, example)
     real = forward.block_mask_input_gen_fns
 
