@@ -214,19 +214,20 @@ def block_mask_input_gen_fns(input_nodes, first_index: int, kv_len, kv_block: in
 
     Random int32 data would index far outside K and V; benchmark instead with
     a mask whose every row visits every kv block. The autotuner keeps one
-    example per buffer name and passes the buffer, not the views, so views
-    of one buffer get one example for the whole buffer. The only such mask
-    is the flat all-full mask of a call without ``block_mask``, whose views
-    alias a buffer holding ``counts[c] == c`` (partial counts read entry 0,
-    full counts entry ``n_kv``, index rows entries ``0..n_kv-1``): that
-    buffer is rebuilt as it is. (Separate examples for its views would all
-    read entry 0 as their counts and time empty loops.)
+    example per buffer name and passes that buffer. Two cases share a name:
+    one tensor in two roles of the same kind (the backward reads the saved
+    index rows as partial and as full rows), which gets the one example of
+    that kind; and views with different roles of one buffer, which only the
+    flat all-full mask of a call without ``block_mask`` makes (in the
+    forward). Its buffer holds ``counts[c] == c`` (partial counts read entry
+    0, full counts entry ``n_kv``, index rows entries ``0..n_kv-1``), and is
+    rebuilt as it is; separate examples for its views would all read entry 0
+    as their counts and time empty loops.
     """
     roles = dict(
         zip(range(first_index, first_index + 4), ("num", "idx", "num", "idx"), strict=True)
     )
     nodes = {i: input_nodes[i] for i in roles}
-    names = [node.get_name() for node in nodes.values()]
     n_kv = -(-_compat.size_hint(kv_len) // kv_block)
 
     def contents(node, role):
@@ -240,9 +241,11 @@ def block_mask_input_gen_fns(input_nodes, first_index: int, kv_len, kv_block: in
         numel = max(_compat.required_storage_length(*_hinted_layout(n)) for n in nodes.values())
         return torch.arange(numel, dtype=torch.int32, device=node.get_device())
 
-    if len(set(names)) < len(names):
-        return dict.fromkeys(roles, counts)
-    return {i: (lambda node, role=role: contents(node, role)) for i, role in roles.items()}
+    fns = {}
+    for i, role in roles.items():
+        sharing = {roles[j] for j in roles if nodes[j].get_name() == nodes[i].get_name()}
+        fns[i] = counts if len(sharing) > 1 else (lambda node, role=role: contents(node, role))
+    return fns
 
 
 def _hinted_layout(node) -> tuple[list[int], list[int], int]:

@@ -243,14 +243,21 @@ def test_autotuning_logs_candidates_and_choice(device, caplog, monkeypatch):
     assert re.search(r"chose BLOCK_M=\d+ BLOCK_N=\d+ num_warps=\d+ num_stages=\d+", done[0])
 
 
-@pytest.mark.parametrize("with_block_mask", [False, True], ids=["flat_full_mask", "block_mask"])
-def test_autotuning_examples_visit_every_kv_block(device, monkeypatch, with_block_mask):
+@pytest.mark.parametrize(
+    "kernel, with_block_mask",
+    [("forward", False), ("forward", True), ("backward", False)],
+    ids=["forward_flat_full_mask", "forward_block_mask", "backward_flat_full_mask"],
+)
+def test_autotuning_examples_visit_every_kv_block(device, monkeypatch, kernel, with_block_mask):
     """The mask tensors the autotuner benchmarks with make every row visit every kv block.
 
-    Without ``block_mask`` the four mask tensors are views of one buffer, and
-    the autotuner keeps one example per buffer name: every view's generator
-    must produce that whole buffer, each view reading its own entries.
+    The autotuner keeps one example per buffer name. Without ``block_mask``
+    the forward's four mask tensors are views of one buffer (each view's
+    generator must rebuild that buffer), and the backward reads one saved
+    index tensor in two roles; either way no count may read as 0.
     """
+    import flex_inductor.lowering.backward as backward
+    import flex_inductor.lowering.backward_configs as backward_configs
     import flex_inductor.lowering.forward as forward
     import torch._inductor.config as inductor_config
 
@@ -259,11 +266,19 @@ def test_autotuning_examples_visit_every_kv_block(device, monkeypatch, with_bloc
     # Two candidates that fit 32-row blocks, on either device, so that it autotunes.
     for pool in ("INTERPRETER_AUTOTUNE", "FORWARD_AUTOTUNE"):
         monkeypatch.setattr(configs, pool, [TINY, configs.Config(32, 16, 1, 1)])
-    seen = []  # (buffer name, view layout, role, example)
-    real = forward.block_mask_input_gen_fns
+    monkeypatch.setattr(
+        backward_configs,
+        "autotune_candidates",
+        lambda default, *args: [default, backward_configs.BackwardConfig(32, 32, 32, 32, 1, 1)],
+    )
+    module = forward if kernel == "forward" else backward
+    calls = []  # per lowering call: [(buffer name, view layout, is index, example)], n_kv
+    real = module.block_mask_input_gen_fns
 
     def recording(input_nodes, first_index, kv_len, kv_block):
         fns = real(input_nodes, first_index, kv_len, kv_block)
+        seen = []
+        calls.append((seen, -(-_compat.size_hint(kv_len) // kv_block)))
 
         def wrap(i, fn):
             def generate(node):
@@ -281,7 +296,7 @@ def test_autotuning_examples_visit_every_kv_block(device, monkeypatch, with_bloc
 
         return {i: wrap(i, fn) for i, fn in fns.items()}
 
-    monkeypatch.setattr(forward, "block_mask_input_gen_fns", recording)
+    monkeypatch.setattr(module, "block_mask_input_gen_fns", recording)
     L, S = 32, 64
     q, k, v = _qkv(L=L, S=S, device=device)
     # Blocks of 32 rows: both candidate tiles fit, so the autotuner runs.
@@ -289,23 +304,31 @@ def test_autotuning_examples_visit_every_kv_block(device, monkeypatch, with_bloc
     mask = bm if with_block_mask else None
     # A cached compile would skip the lowering, and with it the autotuner.
     with inductor_config.patch(max_autotune=True, force_disable_caches=True):
-        _compile(lambda q, k, v: flex_attention(q, k, v, block_mask=mask), q, k, v)
-    assert len(seen) == 4
-    n_kv = -(-S // (32 if with_block_mask else 128))
-    kept = {name: example for name, _, _, example in seen}  # the autotuner keeps the last
-    views = {}
-    for name, layout, is_index, example in seen:
-        assert torch.equal(example, kept[name])
-        # A shared buffer arrives flat; the kernel reads it through the view.
-        shared = sum(n == name for n, *_ in seen) > 1
-        views.setdefault(is_index, []).append(
-            kept[name].as_strided(*layout) if shared else kept[name]
-        )
-    for index_rows in views[1]:
-        expected = torch.arange(index_rows.shape[-1], dtype=torch.int32).expand(index_rows.shape)
-        assert torch.equal(index_rows.cpu(), expected)
-        assert index_rows.shape[-1] >= n_kv
-    partial, full = views[0]
-    # Every row visits every kv block (as partial, full, or both).
-    assert ((partial >= n_kv) | (partial + full == n_kv)).all(), (partial, full)
-    assert (partial + full >= n_kv).all()
+        if kernel == "forward":
+            _compile(lambda q, k, v: flex_attention(q, k, v, block_mask=mask), q, k, v)
+        else:
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            compile_and_run(
+                lambda q, k, v: flex_attention(q, k, v, block_mask=mask), q, k, v,
+                grad_outputs=torch.ones_like(q),
+            )
+    assert len(calls) == (1 if kernel == "forward" else 2)
+    for seen, n_kv in calls:
+        assert len(seen) == 4
+        kept = {name: example for name, _, _, example in seen}  # the autotuner keeps the last
+        views = {}
+        for name, layout, is_index, example in seen:
+            assert torch.equal(example, kept[name])
+            # A buffer shared by views arrives flat; the kernel reads it through the view.
+            flat = kept[name].dim() == 1 and len(layout[0]) > 1
+            views.setdefault(is_index, []).append(
+                kept[name].as_strided(*layout) if flat else kept[name]
+            )
+        for index_rows in views[1]:
+            expected = torch.arange(index_rows.shape[-1], dtype=torch.int32)
+            assert torch.equal(index_rows.cpu(), expected.expand(index_rows.shape))
+            assert index_rows.shape[-1] >= n_kv
+        partial, full = views[0]
+        # Every row visits every kv block (as partial, full, or both).
+        assert ((partial >= n_kv) | (partial + full == n_kv)).all(), (partial, full)
+        assert (partial + full >= n_kv).all()
