@@ -47,7 +47,6 @@ KERNEL_OPTION_KEYS: set[str] = {
     "SPLIT_KV",
     "BACKEND",
     "USE_TMA",
-    "WARP_SPECIALIZE",
     "LONGEST_FIRST",
 }
 

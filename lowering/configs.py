@@ -113,7 +113,7 @@ def use_tma_by_default(head_dim: int, device: torch.device) -> bool:
 
     Measured on the H100 (benchmarks/NOTES.md entry 9): at D128 TMA made the
     forward 0-11% faster (ALiBi most) and forward+backward 4-8%; at D64 it
-    made causal 6-10% slower with the D64 configs. Off the GPU (the
+    made causal 5-10% slower with the D64 configs. Off the GPU (the
     interpreter) it is used only when asked for.
     """
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:

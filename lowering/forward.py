@@ -139,7 +139,6 @@ def lower_forward(
         OUTPUT_LOGSUMEXP=write_lse,
         FLOAT32_PRECISION=float32_precision(),
         USE_TMA=use_tma(options, configs.use_tma_by_default(E, device), device, key, value),
-        WARP_SPECIALIZE=bool(options.get("WARP_SPECIALIZE", False)),
         LONGEST_FIRST=bool(options.get("LONGEST_FIRST", configs.LONGEST_FIRST)),
     )
     input_nodes = [query, key, value, lse, *sparse]

@@ -108,7 +108,6 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
     OUTPUT_LOGSUMEXP : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
     USE_TMA : tl.constexpr = False
-    WARP_SPECIALIZE : tl.constexpr = False
     LONGEST_FIRST : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
     Q = arg_Q
@@ -174,24 +173,24 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
         # Hopper's TMA copies whole tiles to shared memory without per-thread
         # addresses, and zero-fills rows past KV_LEN and columns past the
         # head dim. The lowering checks the 16-byte alignment it needs.
-        K_desc = tl.make_tensor_descriptor(
+        K_src = tl.make_tensor_descriptor(
             K_base, shape=[KV_LEN, QK_HEAD_DIM], strides=[stride_kn, 1],
             block_shape=[BLOCK_N, QK_HEAD_DIM_ROUNDED],
         )
-        V_desc = tl.make_tensor_descriptor(
+        V_src = tl.make_tensor_descriptor(
             V_base, shape=[KV_LEN, V_HEAD_DIM], strides=[stride_vn, 1],
             block_shape=[BLOCK_N, V_HEAD_DIM_ROUNDED],
         )
     else:
-        K_desc = K_base
-        V_desc = V_base
+        K_src = K_base
+        V_src = V_base
 
     # Partial blocks: mask_mod decides position by position.
     kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
     kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
     acc, l_i, m_i = _inner(
         arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, out_ptr0,
-        q, K_desc, V_desc, kv_row, stride_in, kv_num, acc, l_i, m_i,
+        q, K_src, V_src, kv_row, stride_in, kv_num, acc, l_i, m_i,
         off_z, off_h, offs_m, offs_d, offs_v,
         stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
         IS_FULL_BLOCKS=False,
@@ -202,7 +201,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
         kv_row = FULL_KV_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_m * stride_fim
         acc, l_i, m_i = _inner(
             arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, out_ptr0,
-            q, K_desc, V_desc, kv_row, stride_fin, kv_num, acc, l_i, m_i,
+            q, K_src, V_src, kv_row, stride_fin, kv_num, acc, l_i, m_i,
             off_z, off_h, offs_m, offs_d, offs_v,
             stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
             IS_FULL_BLOCKS=True,
@@ -253,7 +252,6 @@ def _inner(
     OUTPUT_LOGSUMEXP : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
     USE_TMA : tl.constexpr = False
-    WARP_SPECIALIZE : tl.constexpr = False
     LONGEST_FIRST : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
 
@@ -270,7 +268,7 @@ def _inner(
     # loads can be software-pipelined. Padding entries of the index row are
     # valid block numbers, so the look-ahead load never leaves the row.
     start_n = tl.load(kv_row) * SPARSE_KV_BLOCK_SIZE
-    for step in tl.range(0, num_steps, warp_specialize=WARP_SPECIALIZE):
+    for step in range(0, num_steps):
         offs_n = start_n + tl.arange(0, BLOCK_N)
 
         # K is read in its stored (BLOCK_N, D) layout and transposed in the
@@ -369,7 +367,6 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     OUTPUT_LOGSUMEXP : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
     USE_TMA : tl.constexpr = False
-    WARP_SPECIALIZE : tl.constexpr = False
     LONGEST_FIRST : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
     Q = arg_Q
@@ -435,24 +432,24 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
         # Hopper's TMA copies whole tiles to shared memory without per-thread
         # addresses, and zero-fills rows past KV_LEN and columns past the
         # head dim. The lowering checks the 16-byte alignment it needs.
-        K_desc = tl.make_tensor_descriptor(
+        K_src = tl.make_tensor_descriptor(
             K_base, shape=[KV_LEN, QK_HEAD_DIM], strides=[stride_kn, 1],
             block_shape=[BLOCK_N, QK_HEAD_DIM_ROUNDED],
         )
-        V_desc = tl.make_tensor_descriptor(
+        V_src = tl.make_tensor_descriptor(
             V_base, shape=[KV_LEN, V_HEAD_DIM], strides=[stride_vn, 1],
             block_shape=[BLOCK_N, V_HEAD_DIM_ROUNDED],
         )
     else:
-        K_desc = K_base
-        V_desc = V_base
+        K_src = K_base
+        V_src = V_base
 
     # Partial blocks: mask_mod decides position by position.
     kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
     kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
     acc, l_i, m_i = _inner(
         arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, out_ptr0,
-        q, K_desc, V_desc, kv_row, stride_in, kv_num, acc, l_i, m_i,
+        q, K_src, V_src, kv_row, stride_in, kv_num, acc, l_i, m_i,
         off_z, off_h, offs_m, offs_d, offs_v,
         stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
         IS_FULL_BLOCKS=False,
@@ -463,7 +460,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
         kv_row = FULL_KV_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_m * stride_fim
         acc, l_i, m_i = _inner(
             arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, out_ptr0,
-            q, K_desc, V_desc, kv_row, stride_fin, kv_num, acc, l_i, m_i,
+            q, K_src, V_src, kv_row, stride_fin, kv_num, acc, l_i, m_i,
             off_z, off_h, offs_m, offs_d, offs_v,
             stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
             IS_FULL_BLOCKS=True,
@@ -514,7 +511,6 @@ def _inner(
     OUTPUT_LOGSUMEXP : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
     USE_TMA : tl.constexpr = False
-    WARP_SPECIALIZE : tl.constexpr = False
     LONGEST_FIRST : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
 
@@ -531,7 +527,7 @@ def _inner(
     # loads can be software-pipelined. Padding entries of the index row are
     # valid block numbers, so the look-ahead load never leaves the row.
     start_n = tl.load(kv_row) * SPARSE_KV_BLOCK_SIZE
-    for step in tl.range(0, num_steps, warp_specialize=WARP_SPECIALIZE):
+    for step in range(0, num_steps):
         offs_n = start_n + tl.arange(0, BLOCK_N)
 
         # K is read in its stored (BLOCK_N, D) layout and transposed in the
@@ -630,7 +626,6 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
     OUTPUT_LOGSUMEXP : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
     USE_TMA : tl.constexpr = False
-    WARP_SPECIALIZE : tl.constexpr = False
     LONGEST_FIRST : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
     Q = arg_Q
@@ -696,24 +691,24 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
         # Hopper's TMA copies whole tiles to shared memory without per-thread
         # addresses, and zero-fills rows past KV_LEN and columns past the
         # head dim. The lowering checks the 16-byte alignment it needs.
-        K_desc = tl.make_tensor_descriptor(
+        K_src = tl.make_tensor_descriptor(
             K_base, shape=[KV_LEN, QK_HEAD_DIM], strides=[stride_kn, 1],
             block_shape=[BLOCK_N, QK_HEAD_DIM_ROUNDED],
         )
-        V_desc = tl.make_tensor_descriptor(
+        V_src = tl.make_tensor_descriptor(
             V_base, shape=[KV_LEN, V_HEAD_DIM], strides=[stride_vn, 1],
             block_shape=[BLOCK_N, V_HEAD_DIM_ROUNDED],
         )
     else:
-        K_desc = K_base
-        V_desc = V_base
+        K_src = K_base
+        V_src = V_base
 
     # Partial blocks: mask_mod decides position by position.
     kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
     kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
     acc, l_i, m_i = _inner(
         arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, in_ptr5, out_ptr0,
-        q, K_desc, V_desc, kv_row, stride_in, kv_num, acc, l_i, m_i,
+        q, K_src, V_src, kv_row, stride_in, kv_num, acc, l_i, m_i,
         off_z, off_h, offs_m, offs_d, offs_v,
         stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
         IS_FULL_BLOCKS=False,
@@ -724,7 +719,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
         kv_row = FULL_KV_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_m * stride_fim
         acc, l_i, m_i = _inner(
             arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, in_ptr5, out_ptr0,
-            q, K_desc, V_desc, kv_row, stride_fin, kv_num, acc, l_i, m_i,
+            q, K_src, V_src, kv_row, stride_fin, kv_num, acc, l_i, m_i,
             off_z, off_h, offs_m, offs_d, offs_v,
             stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
             IS_FULL_BLOCKS=True,
@@ -775,7 +770,6 @@ def _inner(
     OUTPUT_LOGSUMEXP : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
     USE_TMA : tl.constexpr = False
-    WARP_SPECIALIZE : tl.constexpr = False
     LONGEST_FIRST : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
 
@@ -792,7 +786,7 @@ def _inner(
     # loads can be software-pipelined. Padding entries of the index row are
     # valid block numbers, so the look-ahead load never leaves the row.
     start_n = tl.load(kv_row) * SPARSE_KV_BLOCK_SIZE
-    for step in tl.range(0, num_steps, warp_specialize=WARP_SPECIALIZE):
+    for step in range(0, num_steps):
         offs_n = start_n + tl.arange(0, BLOCK_N)
 
         # K is read in its stored (BLOCK_N, D) layout and transposed in the

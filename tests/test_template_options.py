@@ -1,9 +1,8 @@
-"""The template options of session 4: TMA loads, query-block order, warp specialisation.
+"""The template options of session 4: TMA loads and query-block order.
 
 ``USE_TMA`` loads the looped-over tiles through tensor descriptors (Triton's
 interpreter emulates them, so CI runs the same kernel text as Hopper);
-``LONGEST_FIRST`` launches query blocks last-first; ``WARP_SPECIALIZE`` asks
-Triton to split the forward loop into warp groups. Each must give the same
+``LONGEST_FIRST`` launches query blocks last-first. Each must give the same
 results as the default kernels (the float64 oracle, the shared tolerance
 rule), including the odd shapes where TMA's zero padding does the bounds
 checks, and the lowering must fall back to plain loads where TMA cannot
@@ -31,7 +30,7 @@ from flex_inductor import create_block_mask, flex_attention, masks, mods
 OPTIONS = {
     "tma": {"USE_TMA": True},
     "longest_first": {"LONGEST_FIRST": True},
-    "all": {"USE_TMA": True, "LONGEST_FIRST": True, "WARP_SPECIALIZE": True},
+    "both": {"USE_TMA": True, "LONGEST_FIRST": True},
 }
 
 
@@ -83,7 +82,7 @@ def test_tma_forward_with_gqa_and_fully_masked_rows(device):
     assert not out.isnan().any()
 
 
-@pytest.mark.parametrize("name", ["tma", "all"])
+@pytest.mark.parametrize("name", ["tma", "both"])
 def test_backward_options_match_the_oracle(device, name):
     q, k, v = make_qkv(1, 2, 47, 33, 40, device=device)
     block_mask = create_block_mask(masks.causal(), None, None, 47, 33, device=device, BLOCK_SIZE=16)
