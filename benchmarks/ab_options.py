@@ -2,9 +2,10 @@
 
 Each (shape, variant, mode) cell is measured once per ``--options`` entry (a
 ``kernel_options`` dict), with torch flex beside them, and each option set's
-output is compared with the first's (a wrong kernel shows as a large max
-difference, not only as a speed-up). Used for the template experiments of
-benchmarks/NOTES.md (TMA, warp specialisation, query-block order).
+output (and, forward+backward, dq) is compared with the first's (a wrong
+kernel shows as a large max difference, not only as a speed-up). Used for
+the template experiments of benchmarks/NOTES.md (TMA, warp specialisation,
+query-block order, atomic dq).
 
     python benchmarks/ab_options.py --shapes B4-H16-S8192-D128 --variants noop,causal \\
         --options '{"base": {}, "tma": {"USE_TMA": true}}'
@@ -61,7 +62,7 @@ def _cell(shape, variant, mode, option_sets, with_peer):
     for name, call in calls.items():
         step = ba._training_step(call, tensors, grad_out) if grad else call
         try:
-            out = call().detach().float()
+            out = _outputs(call, q, grad_out)
             ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
         except Exception as error:  # one failing option set must not stop the others
             message = " ".join(str(error).split())[:200]
@@ -69,10 +70,19 @@ def _cell(shape, variant, mode, option_sets, with_peer):
             continue
         if first is None:
             first = out
-        diff = (out - first).abs().max().item()
+        diff = max((o - f).abs().max().item() for o, f in zip(out, first, strict=True))
         results[name] = f"{flops / ms / 1e9:.0f} TF/s (max diff {diff:.1e})"
     torch._dynamo.reset()
     return results
+
+
+def _outputs(call, q, grad_out):
+    """The output, and with ``grad_out`` also dq, as float32 (compared across option sets)."""
+    out = call()
+    if grad_out is None:
+        return [out.detach().float()]
+    (dq,) = torch.autograd.grad(out, q, grad_out)
+    return [out.detach().float(), dq.float()]
 
 
 def main(argv=None) -> int:

@@ -196,6 +196,23 @@ def dynamo_api() -> SimpleNamespace:
     )
 
 
+def constant_dict_items(tx, dict_var) -> dict:
+    """A Dynamo dict variable of constants as a Python dict, ints specialised.
+
+    Automatic dynamic shapes turn an int that changed between two compiles
+    into a symbol, ``kernel_options`` values included; the kernels need
+    them as numbers, so each symbol is evaluated to its value under a guard.
+    """
+    from torch._dynamo.variables import SymNodeVariable
+
+    def constant(var):
+        if isinstance(var, SymNodeVariable):
+            return var.evaluate_expr(tx.output)
+        return var.as_python_constant()
+
+    return {constant(key.vt): constant(value) for key, value in dict_var.items.items()}
+
+
 def variable_builder():
     """``VariableTracker.build``: wraps a Python value for Dynamo."""
     from torch._dynamo.variables.base import VariableTracker

@@ -113,10 +113,10 @@ class FlexInductorAttentionVariable(_dyn.TorchHigherOrderOperatorVariable):
             tx, mask_mod, "mask_mod", placeholders[1:], given[1]
         )
 
-        plain, _ = _dyn.proxy_args_kwargs(
-            [query, key, value, block_mask, block_sizes, scale, options], {}
-        )
-        q, k, v, bm, sizes, scale_p, options_p = plain
+        plain, _ = _dyn.proxy_args_kwargs([query, key, value, block_mask, block_sizes, scale], {})
+        q, k, v, bm, sizes, scale_p = plain
+        # Numbers, never symbols: tile sizes and flags are kernel constants.
+        options_p = _compat.constant_dict_items(tx, options)
         proxy_args = (
             q, k, v, score_node, mask_node, list(bm), list(sizes), scale_p, options_p,
             list(score_buffers), list(mask_buffers),

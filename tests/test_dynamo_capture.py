@@ -282,6 +282,27 @@ def test_int_argument_read_by_a_mod_is_baked_in(backend, device):
         assert list(node.args[9]) == []
 
 
+def test_kernel_option_ints_that_change_stay_constants(device):
+    # A tile size passed into the compiled function changes between calls:
+    # automatic dynamic makes it a SymInt on the second compile, and the
+    # kernels need numbers (it crashed the lowering of the backward).
+    q, k, v = (t.to(device).requires_grad_() for t in _qkv(Dims(B=1, H=2, L=32, S=32)))
+
+    def attention(q, k, v, options):
+        return flex_attention(q, k, v, kernel_options=options)
+
+    compiled, counter = _counting_compile(attention, backend="inductor")
+    for calls, tile in enumerate((16, 32), start=1):
+        out = compiled(q, k, v, {"bwd_BLOCK_M1": tile, "BLOCK_M": tile})
+        out.sum().backward()
+        assert counter.frame_count == calls
+        graph = counter.graphs[-1].graph
+        (node,) = [n for n in graph.nodes if getattr(n.target, "__name__", "") == OP]
+        options = node.args[8]
+        assert options["BLOCK_M"] == tile and type(options["BLOCK_M"]) is int
+    _assert_matches_oracle(out, q, k, v, None)
+
+
 def test_nested_closures_over_graph_intermediates():
     # The mod is made inside the compiled function by a factory that closes
     # over a helper closure, and it captures a tensor computed in the graph.
