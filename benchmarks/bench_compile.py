@@ -11,6 +11,9 @@ time of the same call is reported beside it.
     python benchmarks/bench_compile.py                       # on a GPU
     python benchmarks/bench_compile.py --csv r.csv --append  # add rows to a results CSV
     python benchmarks/bench_compile.py --dry-run             # CPU, kernels interpreted
+
+With ``BENCH_COMPILE_PROFILE=<dir>`` each first call runs under cProfile and
+its largest cumulative times go to ``<dir>/<impl>-<variant>-<mode>.txt``.
 """
 
 from __future__ import annotations
@@ -115,9 +118,33 @@ def child(shape: str, variant_name: str, mode: str, impl: str, device: str) -> M
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    first = timed()
+    profile_dir = os.environ.get("BENCH_COMPILE_PROFILE")
+    if profile_dir:
+        first = _profiled(timed, os.path.join(profile_dir, f"{impl}-{variant_name}-{mode}.txt"))
+    else:
+        first = timed()
     steady = statistics.median(timed() for _ in range(3 if device == "cuda" else 1))
     return Measurement(variant_name, mode, impl, first, 1e3 * steady)
+
+
+def _profiled(fn, path: str):
+    """Run ``fn`` under cProfile; write the 80 largest cumulative times to ``path``.
+
+    Where a first call's compile time goes (Dynamo, AOTAutograd, our lowering,
+    waiting on Triton's compile workers), for ``BENCH_COMPILE_PROFILE=dir``.
+    """
+    import cProfile
+    import io
+    import pstats
+
+    profile = cProfile.Profile()
+    result = profile.runcall(fn)
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(80)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"first call {result:.2f} s\n{text.getvalue()}")
+    return result
 
 
 def measure(shape, variant, mode, impl, device, timeout) -> Measurement:

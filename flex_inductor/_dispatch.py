@@ -69,7 +69,7 @@ def _lifted_op_call(query, key, value, score_mod, block_mask, scale, kernel_opti
 
 def attention(query, key, value, score_mod, block_mask, scale, kernel_options):
     """Normalise the defaults, then run the op in place or compiled."""
-    from .block_mask import _full_block_mask, _full_block_mask_flat
+    from .block_mask import NO_PARTIAL_BLOCKS_KEY, _full_block_mask, _full_block_mask_flat
 
     if score_mod is None:
         score_mod = _identity_score
@@ -81,14 +81,16 @@ def attention(query, key, value, score_mod, block_mask, scale, kernel_options):
             # The all-full mask goes to the op in its flat form: Dynamo then
             # traces its tensors, not the construction of a BlockMask.
             tensors, sizes = _full_block_mask_flat(query.shape[-2], key.shape[-2], query.device)
+            options[NO_PARTIAL_BLOCKS_KEY] = True
             return flex_inductor_attention(
                 query, key, value, score_mod, noop_mask, tensors, sizes, scale, options, [], []
             )
         return op_call(query, key, value, score_mod, block_mask, scale, options)
-    if block_mask is None:
-        block_mask = _full_block_mask(query.shape[-2], key.shape[-2], query.device)
     options = dict(kernel_options or {})
     options[CODE_VERSION_KEY] = CODE_VERSION
+    if block_mask is None:
+        block_mask = _full_block_mask(query.shape[-2], key.shape[-2], query.device)
+        options[NO_PARTIAL_BLOCKS_KEY] = True
     if _compat.is_tracing():
         return _lifted_op_call(query, key, value, score_mod, block_mask, scale, options)
     if not templates_available(query.device, query.dtype):

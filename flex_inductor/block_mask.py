@@ -755,6 +755,12 @@ def _full_block_mask(
     return BlockMask((q_len, kv_len), *tensors, BLOCK_SIZE=(qb, kvb), mask_mod=noop_mask)
 
 
+# Set in kernel_options by the dispatch for calls without a BlockMask: their
+# all-full mask lists no partial blocks, so the templates compile no partial
+# loop (about half the kernel code to compile). Private: users cannot set it.
+NO_PARTIAL_BLOCKS_KEY = "_FLEX_INDUCTOR_NO_PARTIAL_BLOCKS"
+
+
 def _full_block_mask_flat(
     Q_LEN: int,
     KV_LEN: int,

@@ -32,6 +32,7 @@ from .common import (
     fixed_inputs,
     fixed_mod_buffers,
     float32_precision,
+    has_partial_blocks,
     is_identity_score_mod,
     is_symbolic_scalar,
     lower_mask_mod,
@@ -177,6 +178,7 @@ def _lower_with_templates(
         EXP2_FACTOR=exp2_factor(sm_scale, fold_scale=identity),
         IS_DIVISIBLE=divisible,
         HAS_FULL_BLOCKS=has_full,
+        HAS_PARTIAL_BLOCKS=has_partial_blocks(options, has_full),
         FLOAT32_PRECISION=float32_precision(),
         # dK/dV loops over Q and dO tiles, dQ over K and V tiles.
         USE_TMA=use_tma(

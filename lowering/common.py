@@ -10,6 +10,7 @@ import torch
 
 from flex_inductor import _compat
 from flex_inductor._subgraphs import INDEX_DTYPE, SCORE_DTYPE
+from flex_inductor.block_mask import NO_PARTIAL_BLOCKS_KEY
 
 from .subgraph import lower_mod
 
@@ -166,6 +167,16 @@ def float32_precision() -> str:
 def sizes_are_static_multiple(size, block: int) -> bool:
     """True when ``size`` is known to be a multiple of ``block`` at compile time."""
     return bool(_ind.V.graph.sizevars.statically_known_multiple_of(size, block))
+
+
+def has_partial_blocks(options: dict, has_full: bool) -> bool:
+    """Whether the templates need their partial-block loop.
+
+    Not for calls without a BlockMask (the dispatch marks their all-full mask
+    in ``options``): it lists every block as full, so the loop would never
+    run, and leaving it out halves the kernel code to compile.
+    """
+    return not (has_full and options.get(NO_PARTIAL_BLOCKS_KEY, False))
 
 
 def use_tma(options: dict, default: bool, device, *nodes) -> bool:

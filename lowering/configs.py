@@ -66,6 +66,11 @@ _SM90_FORWARD = {
 _SM90_FORWARD_BY_KIND = {
     (128, NO_MODS): Config(128, 64, 4, 2),
     (128, MASK_ONLY): Config(128, 64, 4, 2),
+    # With TMA loads (forward_tma_by_default): B8 H16 S2048 D64 noop 403 TF/s
+    # against 383 for (128, 128, 4, 3) without; causal 324 / 306, document
+    # 244 / 229 (benchmarks/NOTES.md entry 11).
+    (64, NO_MODS): Config(64, 128, 4, 2),
+    (64, MASK_ONLY): Config(64, 128, 4, 2),
     (64, POSITIONAL): Config(128, 64, 4, 3),
     (64, TABLE): Config(128, 64, 4, 1),
     (128, TABLE): Config(64, 64, 4, 2),
@@ -119,6 +124,26 @@ def use_tma_by_default(head_dim: int, device: torch.device) -> bool:
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
         return False
     return 64 < head_dim <= 128
+
+
+def forward_tma_by_default(
+    head_dim: int, dtype: torch.dtype, device: torch.device, score_mod_kind: str
+) -> bool:
+    """Whether the forward loads K and V through TMA unless told otherwise.
+
+    Head dims 65-128 as :func:`use_tma_by_default`. At 64 and below only for
+    bf16/fp16 calls without a score_mod, whose config (64, 128, 4, 2) was
+    measured with TMA 5-7% ahead of the best without; with a score_mod (ALiBi)
+    TMA gained nothing at D64 (benchmarks/NOTES.md entry 11).
+    """
+    if use_tma_by_default(head_dim, device):
+        return True
+    return (
+        use_tma_by_default(128, device)
+        and head_dim <= 64
+        and dtype != torch.float32
+        and score_mod_kind in (NO_MODS, MASK_ONLY)
+    )
 
 
 def _table_lookup(table: dict, head_dim: int, is_fp32: bool) -> Config:

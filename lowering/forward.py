@@ -33,6 +33,7 @@ from .common import (
     fixed_inputs,
     fixed_mod_buffers,
     float32_precision,
+    has_partial_blocks,
     interpret_mode,
     is_identity_score_mod,
     is_symbolic_scalar,
@@ -134,11 +135,14 @@ def lower_forward(
         SCORE_MOD_IS_IDENTITY=identity,
         EXP2_FACTOR=exp2_factor(sm_scale, fold_scale=identity and not prescale),
         HAS_FULL_BLOCKS=has_full,
+        HAS_PARTIAL_BLOCKS=has_partial_blocks(options, has_full),
         PRESCALE_QK=prescale,
         ROWS_GUARANTEED_SAFE=bool(options.get("ROWS_GUARANTEED_SAFE", False)),
         OUTPUT_LOGSUMEXP=write_lse,
         FLOAT32_PRECISION=float32_precision(),
-        USE_TMA=use_tma(options, configs.use_tma_by_default(E, device), device, key, value),
+        USE_TMA=use_tma(
+            options, configs.forward_tma_by_default(E, dtype, device, kind), device, key, value
+        ),
         LONGEST_FIRST=bool(options.get("LONGEST_FIRST", configs.LONGEST_FIRST)),
     )
     input_nodes = [query, key, value, lse, *sparse]

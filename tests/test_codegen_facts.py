@@ -149,6 +149,32 @@ def test_mask_mod_code_only_in_partial_branch(device):
     assert "IS_FULL_BLOCKS=False" in body and "IS_FULL_BLOCKS=True" in body
 
 
+@pytest.mark.parametrize("with_block_mask", [False, True], ids=["no-block-mask", "noop-mask"])
+def test_calls_without_block_mask_compile_no_partial_loop(device, with_block_mask):
+    # Without a BlockMask every block is full: the partial-block loop is left
+    # out (HAS_PARTIAL_BLOCKS=False), forward and backward. A user's BlockMask
+    # keeps it even when its mask_mod keeps everything: only the dispatch
+    # knows its own mask lists no partial blocks.
+    from test_backward_kernel import BWD, Case, constexpr, kernel_source
+
+    q, k, v = (t.requires_grad_() for t in _qkv(L=37, S=53, device=device))
+    block_mask = (
+        create_block_mask(masks.noop_mask, None, None, 37, 53, device=device, BLOCK_SIZE=16)
+        if with_block_mask else None
+    )
+    problem = Case(q, k, v, None, block_mask)
+    grads, result = problem.compiled()
+    problem.check(grads)
+    for marker in ("def _inner(", "def _dq_inner(", "def _dkdv_inner("):
+        source = kernel_source(result, marker)
+        assert constexpr(source, "HAS_PARTIAL_BLOCKS") == str(with_block_mask), marker
+        # Triton drops a branch on a False constexpr at compile time.
+        assert "if HAS_PARTIAL_BLOCKS:" in source, marker
+    assert len([n for n in result.kernels(BWD) if n.startswith("triton_tem_")]) == 2
+    out = result.output
+    _check(out.detach(), q.detach(), k.detach(), v.detach(), None, block_mask)
+
+
 def test_full_blocks_ignore_mask_mod(device):
     # Blocks listed as full are attended whole even where mask_mod says no.
     from flex_inductor.block_mask import BlockMask

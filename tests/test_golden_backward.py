@@ -103,6 +103,7 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
     EXP2_FACTOR : tl.constexpr = 1.4426950408889634
     IS_DIVISIBLE : tl.constexpr = True
     HAS_FULL_BLOCKS : tl.constexpr = True
+    HAS_PARTIAL_BLOCKS : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
     USE_TMA : tl.constexpr = False
     LONGEST_FIRST : tl.constexpr = False
@@ -182,15 +183,16 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
             Q_src = Q_base
             DO_src = DO_base
 
-        q_num = tl.load(Q_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_n * stride_nn)
-        q_row = Q_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_n * stride_in
-        dk, dv = _dkdv_inner(
-            arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, arg_DO, arg_DV, arg_Q_NUM_BLKS, arg_Q_IDX, arg_FULL_Q_NUM_BLKS, arg_FULL_Q_IDX, in_ptr11, in_ptr12, out_ptr0,
-            k, v, dk, dv, Q_src, DO_src, LSE_base, DELTA_base, q_row, stride_im, q_num,
-            off_z, off_h, offs_n, offs_d, offs_v,
-            stride_qm, stride_qk, stride_dom, stride_dok, stride_lm, stride_dm, Q_LEN, KV_LEN,
-            IS_FULL_BLOCKS=False,
-        )
+        if HAS_PARTIAL_BLOCKS:  # none without a BlockMask (see the forward)
+            q_num = tl.load(Q_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_n * stride_nn)
+            q_row = Q_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_n * stride_in
+            dk, dv = _dkdv_inner(
+                arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, arg_DO, arg_DV, arg_Q_NUM_BLKS, arg_Q_IDX, arg_FULL_Q_NUM_BLKS, arg_FULL_Q_IDX, in_ptr11, in_ptr12, out_ptr0,
+                k, v, dk, dv, Q_src, DO_src, LSE_base, DELTA_base, q_row, stride_im, q_num,
+                off_z, off_h, offs_n, offs_d, offs_v,
+                stride_qm, stride_qk, stride_dom, stride_dok, stride_lm, stride_dm, Q_LEN, KV_LEN,
+                IS_FULL_BLOCKS=False,
+            )
         if HAS_FULL_BLOCKS:
             q_num = tl.load(FULL_Q_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_n * stride_fnn)
             q_row = FULL_Q_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_n * stride_fin
@@ -239,6 +241,7 @@ def _dkdv_inner(
     EXP2_FACTOR : tl.constexpr = 1.4426950408889634
     IS_DIVISIBLE : tl.constexpr = True
     HAS_FULL_BLOCKS : tl.constexpr = True
+    HAS_PARTIAL_BLOCKS : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
     USE_TMA : tl.constexpr = False
     LONGEST_FIRST : tl.constexpr = False
@@ -357,6 +360,7 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
     EXP2_FACTOR : tl.constexpr = 1.4426950408889634
     IS_DIVISIBLE : tl.constexpr = True
     HAS_FULL_BLOCKS : tl.constexpr = True
+    HAS_PARTIAL_BLOCKS : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
     USE_TMA : tl.constexpr = False
     LONGEST_FIRST : tl.constexpr = False
@@ -435,15 +439,16 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
     else:
         K_src = K_base
         V_src = V_base
-    kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
-    kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
-    dq = _dq_inner(
-        arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, arg_DO, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, in_ptr10, out_ptr0,
-        q, do, lse, delta, dq, K_src, V_src, kv_row, stride_in, kv_num,
-        off_z, off_h, offs_m, offs_d, offs_v,
-        stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
-        IS_FULL_BLOCKS=False,
-    )
+    if HAS_PARTIAL_BLOCKS:  # none without a BlockMask (see the forward)
+        kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
+        kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
+        dq = _dq_inner(
+            arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, arg_DO, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, in_ptr10, out_ptr0,
+            q, do, lse, delta, dq, K_src, V_src, kv_row, stride_in, kv_num,
+            off_z, off_h, offs_m, offs_d, offs_v,
+            stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
+            IS_FULL_BLOCKS=False,
+        )
     if HAS_FULL_BLOCKS:
         kv_num = tl.load(FULL_KV_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_m * stride_fnm)
         kv_row = FULL_KV_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_m * stride_fim
@@ -487,6 +492,7 @@ def _dq_inner(
     EXP2_FACTOR : tl.constexpr = 1.4426950408889634
     IS_DIVISIBLE : tl.constexpr = True
     HAS_FULL_BLOCKS : tl.constexpr = True
+    HAS_PARTIAL_BLOCKS : tl.constexpr = True
     FLOAT32_PRECISION : tl.constexpr = <config>
     USE_TMA : tl.constexpr = False
     LONGEST_FIRST : tl.constexpr = False

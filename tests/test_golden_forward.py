@@ -103,6 +103,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
     SCORE_MOD_IS_IDENTITY : tl.constexpr = True
     EXP2_FACTOR : tl.constexpr = 0.36067376022224085
     HAS_FULL_BLOCKS : tl.constexpr = True
+    HAS_PARTIAL_BLOCKS : tl.constexpr = False
     PRESCALE_QK : tl.constexpr = False
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
     OUTPUT_LOGSUMEXP : tl.constexpr = True
@@ -185,16 +186,18 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
         K_src = K_base
         V_src = V_base
 
-    # Partial blocks: mask_mod decides position by position.
-    kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
-    kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
-    acc, l_i, m_i = _inner(
-        arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, out_ptr0,
-        q, K_src, V_src, kv_row, stride_in, kv_num, acc, l_i, m_i,
-        off_z, off_h, offs_m, offs_d, offs_v,
-        stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
-        IS_FULL_BLOCKS=False,
-    )
+    # Calls without a BlockMask have full blocks only: no partial loop to compile.
+    if HAS_PARTIAL_BLOCKS:
+        # Partial blocks: mask_mod decides position by position.
+        kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
+        kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
+        acc, l_i, m_i = _inner(
+            arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, out_ptr0,
+            q, K_src, V_src, kv_row, stride_in, kv_num, acc, l_i, m_i,
+            off_z, off_h, offs_m, offs_d, offs_v,
+            stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
+            IS_FULL_BLOCKS=False,
+        )
     if HAS_FULL_BLOCKS:
         # Full blocks: every position is kept, so mask_mod is skipped.
         kv_num = tl.load(FULL_KV_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_m * stride_fnm)
@@ -247,6 +250,7 @@ def _inner(
     SCORE_MOD_IS_IDENTITY : tl.constexpr = True
     EXP2_FACTOR : tl.constexpr = 0.36067376022224085
     HAS_FULL_BLOCKS : tl.constexpr = True
+    HAS_PARTIAL_BLOCKS : tl.constexpr = False
     PRESCALE_QK : tl.constexpr = False
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
     OUTPUT_LOGSUMEXP : tl.constexpr = True
@@ -362,6 +366,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     SCORE_MOD_IS_IDENTITY : tl.constexpr = True
     EXP2_FACTOR : tl.constexpr = 0.36067376022224085
     HAS_FULL_BLOCKS : tl.constexpr = True
+    HAS_PARTIAL_BLOCKS : tl.constexpr = True
     PRESCALE_QK : tl.constexpr = False
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
     OUTPUT_LOGSUMEXP : tl.constexpr = True
@@ -444,16 +449,18 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
         K_src = K_base
         V_src = V_base
 
-    # Partial blocks: mask_mod decides position by position.
-    kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
-    kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
-    acc, l_i, m_i = _inner(
-        arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, out_ptr0,
-        q, K_src, V_src, kv_row, stride_in, kv_num, acc, l_i, m_i,
-        off_z, off_h, offs_m, offs_d, offs_v,
-        stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
-        IS_FULL_BLOCKS=False,
-    )
+    # Calls without a BlockMask have full blocks only: no partial loop to compile.
+    if HAS_PARTIAL_BLOCKS:
+        # Partial blocks: mask_mod decides position by position.
+        kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
+        kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
+        acc, l_i, m_i = _inner(
+            arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, out_ptr0,
+            q, K_src, V_src, kv_row, stride_in, kv_num, acc, l_i, m_i,
+            off_z, off_h, offs_m, offs_d, offs_v,
+            stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
+            IS_FULL_BLOCKS=False,
+        )
     if HAS_FULL_BLOCKS:
         # Full blocks: every position is kept, so mask_mod is skipped.
         kv_num = tl.load(FULL_KV_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_m * stride_fnm)
@@ -506,6 +513,7 @@ def _inner(
     SCORE_MOD_IS_IDENTITY : tl.constexpr = True
     EXP2_FACTOR : tl.constexpr = 0.36067376022224085
     HAS_FULL_BLOCKS : tl.constexpr = True
+    HAS_PARTIAL_BLOCKS : tl.constexpr = True
     PRESCALE_QK : tl.constexpr = False
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
     OUTPUT_LOGSUMEXP : tl.constexpr = True
@@ -621,6 +629,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
     SCORE_MOD_IS_IDENTITY : tl.constexpr = False
     EXP2_FACTOR : tl.constexpr = 1.4426950408889634
     HAS_FULL_BLOCKS : tl.constexpr = True
+    HAS_PARTIAL_BLOCKS : tl.constexpr = False
     PRESCALE_QK : tl.constexpr = False
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
     OUTPUT_LOGSUMEXP : tl.constexpr = True
@@ -703,16 +712,18 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
         K_src = K_base
         V_src = V_base
 
-    # Partial blocks: mask_mod decides position by position.
-    kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
-    kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
-    acc, l_i, m_i = _inner(
-        arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, in_ptr5, out_ptr0,
-        q, K_src, V_src, kv_row, stride_in, kv_num, acc, l_i, m_i,
-        off_z, off_h, offs_m, offs_d, offs_v,
-        stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
-        IS_FULL_BLOCKS=False,
-    )
+    # Calls without a BlockMask have full blocks only: no partial loop to compile.
+    if HAS_PARTIAL_BLOCKS:
+        # Partial blocks: mask_mod decides position by position.
+        kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
+        kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
+        acc, l_i, m_i = _inner(
+            arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, in_ptr5, out_ptr0,
+            q, K_src, V_src, kv_row, stride_in, kv_num, acc, l_i, m_i,
+            off_z, off_h, offs_m, offs_d, offs_v,
+            stride_kn, stride_kk, stride_vn, stride_vk, Q_LEN, KV_LEN,
+            IS_FULL_BLOCKS=False,
+        )
     if HAS_FULL_BLOCKS:
         # Full blocks: every position is kept, so mask_mod is skipped.
         kv_num = tl.load(FULL_KV_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_m * stride_fnm)
@@ -765,6 +776,7 @@ def _inner(
     SCORE_MOD_IS_IDENTITY : tl.constexpr = False
     EXP2_FACTOR : tl.constexpr = 1.4426950408889634
     HAS_FULL_BLOCKS : tl.constexpr = True
+    HAS_PARTIAL_BLOCKS : tl.constexpr = False
     PRESCALE_QK : tl.constexpr = False
     ROWS_GUARANTEED_SAFE : tl.constexpr = False
     OUTPUT_LOGSUMEXP : tl.constexpr = True

@@ -63,7 +63,9 @@ def test_forward_options_match_the_oracle(device, name, L, S, E, Ev):
     result = _forward(q, k, v, mods.alibi(2, device=device), block_mask, OPTIONS[name])
     source = kernel_source(result, "def _inner(")
     # Without the option, the default: on at this head dim on Hopper only.
-    tma = OPTIONS[name].get("USE_TMA", configs.use_tma_by_default(E, q.device))
+    tma = OPTIONS[name].get(
+        "USE_TMA", configs.forward_tma_by_default(E, q.dtype, q.device, configs.POSITIONAL)
+    )
     assert constexpr(source, "USE_TMA") == str(tma)
     assert constexpr(source, "LONGEST_FIRST") == str(OPTIONS[name].get("LONGEST_FIRST", False))
 
@@ -121,5 +123,18 @@ def test_tma_default_follows_the_measurements(monkeypatch):
     assert not configs.use_tma_by_default(64, cuda)
     assert not configs.use_tma_by_default(256, cuda)
     assert not configs.use_tma_by_default(128, cpu)
+    # The forward also at D64 and below without a score_mod, in bf16/fp16
+    # (entry 11), where it has its own config.
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert configs.forward_tma_by_default(64, bf16, cuda, configs.MASK_ONLY)
+    assert configs.forward_tma_by_default(64, bf16, cuda, configs.NO_MODS)
+    assert not configs.forward_tma_by_default(64, bf16, cuda, configs.POSITIONAL)
+    assert not configs.forward_tma_by_default(64, fp32, cuda, configs.MASK_ONLY)
+    assert configs.forward_tma_by_default(128, fp32, cuda, configs.POSITIONAL)
+    assert configs.default_forward_config(64, bf16, cuda, configs.MASK_ONLY) == configs.Config(
+        64, 128, 4, 2
+    )
+    assert not configs.forward_tma_by_default(64, bf16, cpu, configs.MASK_ONLY)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert not configs.use_tma_by_default(128, cuda)
+    assert not configs.forward_tma_by_default(64, bf16, cuda, configs.MASK_ONLY)
