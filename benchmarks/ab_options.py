@@ -40,12 +40,23 @@ def _cell(shape, variant, mode, option_sets, with_peer):
     tensors = (q, k, v, *variant.params)
     grad_out = torch.randn(B, Hq, S, D, device=dev, dtype=dtype) if grad else None
     mask = variant.mask_mod and fi.create_block_mask(variant.mask_mod, None, None, S, S, device=dev)
+    masks = {}
+    for name, options in option_sets.items():
+        # "_block_size": [q, kv] runs that option set with a BlockMask of those
+        # block sizes (a noop mask when the variant has none), e.g. 256-row
+        # query blocks for BLOCK_M=256 tiles.
+        block_size = options.get("_block_size")
+        masks[name] = mask if block_size is None else fi.create_block_mask(
+            variant.mask_mod or fi.noop_mask, None, None, S, S, device=dev,
+            BLOCK_SIZE=tuple(block_size),
+        )
     density = ba._density(variant.mask_mod, S, dev)
     flops = 4 * B * Hq * S * S * D * density * (ba.FWDBWD_FLOP_FACTOR if grad else 1.0)
     calls = {}
     for name, options in option_sets.items():
         fn = torch.compile(fi.flex_attention)
-        calls[name] = lambda fn=fn, options=options: fn(
+        options = {key: value for key, value in options.items() if key != "_block_size"}
+        calls[name] = lambda fn=fn, options=options, mask=masks[name]: fn(
             q, k, v, score_mod=variant.score_mod, block_mask=mask,
             enable_gqa=Hq != Hkv, kernel_options=options,
         )
