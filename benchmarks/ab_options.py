@@ -87,6 +87,22 @@ def _cell(shape, variant, mode, option_sets, with_peer):
     return results
 
 
+def _experiment_variants(heads, device):
+    """Variants for experiments only, beside bench_attention's.
+
+    ``alibi_int_tile``: ALiBi with the position difference converted to float
+    explicitly, which keeps the lowering's float-position rewrite off: the
+    kernel converts the integer (BLOCK_M, BLOCK_N) tile as before that change
+    (benchmarks/NOTES.md entry 12).
+    """
+    slopes = torch.tensor(fi.mods.alibi_slopes(heads), dtype=torch.float32, device=device)
+
+    def alibi_int_tile(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx).to(torch.float32)
+
+    return [ba.Variant("alibi_int_tile", alibi_int_tile, None, None)]
+
+
 def _outputs(call, q, grad_out):
     """The output, and with ``grad_out`` also dq, as float32 (compared across option sets)."""
     out = call()
@@ -111,7 +127,8 @@ def main(argv=None) -> int:
     lines.append("|" + "---|" * (len(option_sets) + 4))
     for shape in args.shapes.split(","):
         _, Hq, _, S, _ = ba.parse_shape(shape)
-        by_name = {v.name: v for v in ba.variants(Hq, S, "cuda")}
+        found = [*ba.variants(Hq, S, "cuda"), *_experiment_variants(Hq, "cuda")]
+        by_name = {v.name: v for v in found}
         for variant_name in args.variants.split(","):
             for mode in args.modes.split(","):
                 results = _cell(

@@ -4,7 +4,7 @@
 #
 #   PARTS="tests compile ab grid" bash benchmarks/gpu_session.sh
 #
-#   tests    the whole GPU test suite              -> tests.log
+#   tests    the GPU test suite, or the pytest arguments in $TEST_ARGS -> tests.log
 #   compile  first-call compile time, ours and torch flex, with cProfile
 #            (COMPILE_VARIANTS, default noop,causal) -> compile.log, prof/
 #   ab       benchmarks/ab_options.py once per line of the file $AB_FILE (each
@@ -24,7 +24,8 @@ for part in ${PARTS:-tests compile}; do
   start=$SECONDS
   case "$part" in
     tests)
-      timeout "${TEST_TIMEOUT:-330}" python3 -m pytest tests -q -n "${WORKERS:-14}" \
+      # shellcheck disable=SC2086  # TEST_ARGS is a list of pytest arguments
+      timeout "${TEST_TIMEOUT:-330}" python3 -m pytest ${TEST_ARGS:-tests} -q -n "${WORKERS:-14}" \
         -p no:cacheprovider >"$OUT/tests.log" 2>&1
       echo "tests exit $?"
       grep -E "passed|failed|^FAILED|^ERROR" "$OUT/tests.log" | tail -15

@@ -130,7 +130,7 @@ def _lower_with_templates(
     # and the gradient buffers exist, and the dense backward takes over.
     score_buffers = fixed_mod_buffers(score_mod_buffers, device)
     mask_buffers = fixed_mod_buffers(mask_mod_buffers, device)
-    score_sub = lower_score_mod(fw_graph, score_buffers, device)
+    score_sub = lower_score_mod(fw_graph, score_buffers, device, (L, S))
     mask_sub = lower_mask_mod(mask_mod, mask_buffers, device)
     names = [
         (n, torch.float32 if n in ("score", "grad_score_mod") else torch.int32)
@@ -250,7 +250,7 @@ def _lower_with_templates(
     # The dQ kernel reads the mods again: lower fresh IR for its own subgraphs,
     # with only the score gradient of the joint graph (the dK/dV kernel
     # already scatters the captured-tensor gradients).
-    score_sub = lower_score_mod(fw_graph, score_buffers, device)
+    score_sub = lower_score_mod(fw_graph, score_buffers, device, (L, S))
     mask_sub = lower_mask_mod(mask_mod, mask_buffers, device)
     joint_again = lower_mod(
         first_output_only(joint_graph.graph_module), names, score_buffers, device

@@ -12,6 +12,7 @@ from flex_inductor import _compat
 from flex_inductor._subgraphs import INDEX_DTYPE, SCORE_DTYPE
 from flex_inductor.block_mask import NO_PARTIAL_BLOCKS_KEY
 
+from .float_positions import EXACT_LIMIT, float_position_arithmetic
 from .subgraph import lower_mod
 
 _ind = _compat.inductor_api()
@@ -141,10 +142,31 @@ def is_symbolic_scalar(node) -> bool:
     return isinstance(node, (sympy.Expr, int, float))
 
 
-def lower_score_mod(subgraph, buffers, device):
-    """IR of ``score_mod`` with placeholders ``score, b, h, q_idx, kv_idx``."""
+def lower_score_mod(subgraph, buffers, device, lengths=None):
+    """IR of ``score_mod`` with placeholders ``score, b, h, q_idx, kv_idx``.
+
+    With ``lengths`` (the query and kv lengths; a template whose q_idx and
+    kv_idx stay below them), integer position arithmetic that feeds float
+    math is done in float32 where that is exact (see ``float_positions``).
+    """
     names = [("score", SCORE_DTYPE), *[(n, INDEX_DTYPE) for n in _INDEX_NAMES]]
-    return lower_mod(subgraph.graph_module, names, buffers, device)
+    graph_module = subgraph.graph_module
+    if lengths is not None:
+        q_len, kv_len = (_position_bound(n) for n in lengths)
+        graph_module = float_position_arithmetic(graph_module, 3, 4, q_len, kv_len)
+    return lower_mod(graph_module, names, buffers, device)
+
+
+def _position_bound(length) -> int | None:
+    """A length as an int, or a power-of-two bound for a dynamic one, or None."""
+    if isinstance(length, int):
+        return length
+    if isinstance(length, sympy.Integer):
+        return int(length)
+    bound = EXACT_LIMIT // 2
+    if _ind.V.graph.sizevars.statically_known_leq(length, bound):
+        return bound
+    return None
 
 
 def lower_mask_mod(subgraph, buffers, device):
@@ -357,7 +379,9 @@ def exp2_factor(scale: float, fold_scale: bool) -> float:
     return log2e * scale if fold_scale else log2e
 
 
-def lower_mods_or_warn(kernel: str, score_mod, mask_mod, score_buffers, mask_buffers, device):
+def lower_mods_or_warn(
+    kernel: str, score_mod, mask_mod, score_buffers, mask_buffers, device, lengths=None
+):
     """Both mods lowered for inlining, or None (with a warning) if one cannot be.
 
     A mod that is not pointwise (``table[q_idx].sum()`` reduces) cannot be
@@ -366,7 +390,7 @@ def lower_mods_or_warn(kernel: str, score_mod, mask_mod, score_buffers, mask_buf
     """
     try:
         return (
-            lower_score_mod(score_mod, score_buffers, device),
+            lower_score_mod(score_mod, score_buffers, device, lengths),
             lower_mask_mod(mask_mod, mask_buffers, device),
         )
     except _compat.subgraph_lowering_error() as error:

@@ -103,7 +103,7 @@ def lower_forward(
     score_buffers = fixed_mod_buffers(score_mod_buffers, device)
     mask_buffers = fixed_mod_buffers(mask_mod_buffers, device)
     subs = lower_mods_or_warn(
-        "flex_inductor_fwd", score_mod, mask_mod, score_buffers, mask_buffers, device
+        "flex_inductor_fwd", score_mod, mask_mod, score_buffers, mask_buffers, device, (L, S)
     )
     if subs is None:
         return dense_forward_fallback(*fallback_args)

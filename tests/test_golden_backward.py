@@ -278,19 +278,20 @@ def _dkdv_inner(
             tmp1 = (off_h)
             tmp2 = tl.load(in_ptr11 + tmp1)
             tmp3 = (kv_idx)
-            tmp4 = (q_idx)
-            tmp5 = tmp3 - tmp4
+            tmp4 = tmp3.to(tl.float32)
+            tmp5 = (q_idx)
             tmp6 = tmp5.to(tl.float32)
-            tmp7 = tmp2 * tmp6
-            tmp8 = tmp0 + tmp7
-            post_mod_scores = tmp8
+            tmp7 = tmp4 - tmp6
+            tmp8 = tmp2 * tmp7
+            tmp9 = tmp0 + tmp8
+            post_mod_scores = tmp9
 
         keep = row_ok[None, :] & (offs_n[:, None] < KV_LEN)
         if not IS_FULL_BLOCKS:
-            tmp9 = (q_idx)
-            tmp10 = (kv_idx)
-            tmp11 = tmp9 >= tmp10
-            mask_mod_output = tmp11
+            tmp10 = (q_idx)
+            tmp11 = (kv_idx)
+            tmp12 = tmp10 >= tmp11
+            mask_mod_output = tmp12
 
             keep = keep & mask_mod_output
         if not IS_FULL_BLOCKS or not IS_DIVISIBLE:
@@ -318,21 +319,21 @@ def _dkdv_inner(
         if SCORE_MOD_IS_IDENTITY:
             grad_scores = dsT
         else:
-            tmp12 = (dsT)
-            grad_scores = tmp12
+            tmp13 = (dsT)
+            grad_scores = tmp13
 
         if not IS_FULL_BLOCKS or not IS_DIVISIBLE:
             grad_scores = tl.where(keep, grad_scores, 0.0)
         # Gradients of captured tensors: one atomic add per kept position.
-        tmp13 = (off_h)
-        tmp14 = (dsT)
-        tmp15 = (kv_idx)
-        tmp16 = (q_idx)
-        tmp17 = tmp15 - tmp16
-        tmp18 = tmp17.to(tl.float32)
-        tmp19 = tmp14 * tmp18
-        tmp20 = tmp19.to(tl.float32)
-        tl.atomic_add(in_ptr12 + tl.broadcast_to(tmp13, tmp20.shape), tmp20, keep, sem='relaxed')
+        tmp14 = (off_h)
+        tmp15 = (dsT)
+        tmp16 = (kv_idx)
+        tmp17 = (q_idx)
+        tmp18 = tmp16 - tmp17
+        tmp19 = tmp18.to(tl.float32)
+        tmp20 = tmp15 * tmp19
+        tmp21 = tmp20.to(tl.float32)
+        tl.atomic_add(in_ptr12 + tl.broadcast_to(tmp14, tmp21.shape), tmp21, keep, sem='relaxed')
 
         dk = tl.dot(grad_scores.to(q.dtype), q, dk, input_precision=FLOAT32_PRECISION)
 
@@ -529,19 +530,20 @@ def _dq_inner(
             tmp1 = (off_h)
             tmp2 = tl.load(in_ptr10 + tmp1)
             tmp3 = (kv_idx)
-            tmp4 = (q_idx)
-            tmp5 = tmp3 - tmp4
+            tmp4 = tmp3.to(tl.float32)
+            tmp5 = (q_idx)
             tmp6 = tmp5.to(tl.float32)
-            tmp7 = tmp2 * tmp6
-            tmp8 = tmp0 + tmp7
-            post_mod_scores = tmp8
+            tmp7 = tmp4 - tmp6
+            tmp8 = tmp2 * tmp7
+            tmp9 = tmp0 + tmp8
+            post_mod_scores = tmp9
 
         keep = row_ok[:, None] & col_ok[None, :]
         if not IS_FULL_BLOCKS:
-            tmp9 = (q_idx)
-            tmp10 = (kv_idx)
-            tmp11 = tmp9 >= tmp10
-            mask_mod_output = tmp11
+            tmp10 = (q_idx)
+            tmp11 = (kv_idx)
+            tmp12 = tmp10 >= tmp11
+            mask_mod_output = tmp12
 
             keep = keep & mask_mod_output
         if not IS_FULL_BLOCKS or not IS_DIVISIBLE:
@@ -562,8 +564,8 @@ def _dq_inner(
         if SCORE_MOD_IS_IDENTITY:
             grad_scores = ds
         else:
-            tmp12 = (ds)
-            grad_scores = tmp12
+            tmp13 = (ds)
+            grad_scores = tmp13
 
         if not IS_FULL_BLOCKS or not IS_DIVISIBLE:
             grad_scores = tl.where(keep, grad_scores, 0.0)

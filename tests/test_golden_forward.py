@@ -826,20 +826,21 @@ def _inner(
             tmp1 = (off_h)
             tmp2 = tl.load(in_ptr5 + tmp1)
             tmp3 = (kv_idx)
-            tmp4 = (q_idx)
-            tmp5 = tmp3 - tmp4
+            tmp4 = tmp3.to(tl.float32)
+            tmp5 = (q_idx)
             tmp6 = tmp5.to(tl.float32)
-            tmp7 = tmp2 * tmp6
-            tmp8 = tmp0 + tmp7
-            post_mod_scores = tmp8
+            tmp7 = tmp4 - tmp6
+            tmp8 = tmp2 * tmp7
+            tmp9 = tmp0 + tmp8
+            post_mod_scores = tmp9
 
             # The softmax needs a float32 tile whatever the mod returns: a
             # captured float64 table promotes it, and a constant score is [1].
             post_mod_scores, _ = tl.broadcast(post_mod_scores.to(tl.float32), qk)
 
         if not IS_FULL_BLOCKS:
-            tmp9 = tl.full([1], True, tl.int1)
-            mask_mod_output = tmp9
+            tmp10 = tl.full([1], True, tl.int1)
+            mask_mod_output = tmp10
 
             post_mod_scores = tl.where(mask_mod_output, post_mod_scores, float("-inf"))
         if not IS_DIVISIBLE:
