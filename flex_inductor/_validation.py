@@ -48,6 +48,7 @@ KERNEL_OPTION_KEYS: set[str] = {
     "BACKEND",
     "USE_TMA",
     "LONGEST_FIRST",
+    "PERSISTENT",
 }
 
 
@@ -259,6 +260,13 @@ def _check_kernel_options(kernel_options: Any) -> None:
         raise ValueError(
             f"`kernel_options` has unknown keys {unknown}; valid keys: "
             f"{', '.join(sorted(KERNEL_OPTION_KEYS))}"
+        )
+    persistent = kernel_options.get("PERSISTENT", False)
+    # A bool, or an int of programs per SM (bool is an int); 0 is off, like False.
+    if not isinstance(persistent, int) or persistent < 0:
+        raise ValueError(
+            "`kernel_options['PERSISTENT']` must be a bool or a non-negative int "
+            f"(programs per SM), got {persistent!r}"
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 
@@ -199,6 +200,23 @@ def has_partial_blocks(options: dict, has_full: bool) -> bool:
     run, and leaving it out halves the kernel code to compile.
     """
     return not (has_full and options.get(NO_PARTIAL_BLOCKS_KEY, False))
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; 2 off the GPU (Triton's interpreter).
+
+    Two keeps the interpreter's grids small while tests still see more work
+    than programs: decode splits to merge, persistent programs with several
+    tiles each.
+    """
+    if device.type != "cuda":
+        return 2
+    return _sm_count_cached(device.index or 0)
+
+
+@functools.cache
+def _sm_count_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def use_tma(options: dict, default: bool, device, *nodes) -> bool:

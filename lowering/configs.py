@@ -112,6 +112,12 @@ FORWARD_AUTOTUNE = [
 # (benchmarks/NOTES.md entry 9), so it stays off.
 LONGEST_FIRST = False
 
+# PERSISTENT=True launches this many forward programs per SM, so that one
+# wave fills the GPU if the tuned forward configs fit two CTAs on an SM (an
+# assumption, not checked per config). Experimental and off by default: not
+# yet measured.
+PERSISTENT_PROGRAMS_PER_SM = 2
+
 
 def use_tma_by_default(head_dim: int, device: torch.device) -> bool:
     """Whether the kernels load their looped-over tiles through TMA unless told otherwise.

@@ -9,7 +9,6 @@ Inductor's own pointwise and reduction lowerings.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -24,6 +23,7 @@ from .common import (
     is_symbolic_scalar,
     lower_mods_or_warn,
     rounded_head_dim,
+    sm_count,
     static_float,
     static_int,
 )
@@ -221,18 +221,7 @@ def _default_block_n(kv_block: int, device: torch.device) -> int:
 
 def _choose_splits(programs: int, kv_len, kv_block: int, device: torch.device) -> int:
     """Enough kv slices that about two waves of programs fill every SM."""
-    sm_count = _sm_count(device)
+    sms = sm_count(device)
     kv_blocks = max(1, -(-_compat.size_hint(kv_len) // kv_block))
-    wanted = max(1, -(-2 * sm_count // max(1, programs)))
+    wanted = max(1, -(-2 * sms // max(1, programs)))
     return max(1, min(wanted, kv_blocks, 64))
-
-
-@functools.cache
-def _sm_count_cached(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2  # the interpreter: two splits exercise the merge in tests
-    return _sm_count_cached(device.index or 0)

@@ -41,6 +41,7 @@ from .common import (
     output_is_used,
     rounded_head_dim,
     sizes_are_static_multiple,
+    sm_count,
     static_float,
     static_int,
     use_tma,
@@ -144,7 +145,13 @@ def lower_forward(
             options, configs.forward_tma_by_default(E, dtype, device, kind), device, key, value
         ),
         LONGEST_FIRST=bool(options.get("LONGEST_FIRST", configs.LONGEST_FIRST)),
+        PERSISTENT=False,
     )
+    num_programs = _persistent_programs(options, device)
+    if num_programs:
+        # NUM_PROGRAMS only here, so that the default kernel's text does not
+        # change: the template and _forward_grid read it under PERSISTENT only.
+        constexprs.update(PERSISTENT=True, NUM_PROGRAMS=num_programs)
     input_nodes = [query, key, value, lse, *sparse]
     choices: list = []
     configs_of_choices: list = []
@@ -205,6 +212,18 @@ def lower_forward(
         out, [*score_buffers, *mask_buffers], [score_sub, mask_sub]
     )
     return out, lse
+
+
+def _persistent_programs(options: dict, device) -> int:
+    """Programs the persistent forward launches, or 0 for one program per tile.
+
+    ``kernel_options["PERSISTENT"]`` is off by default; a positive int is
+    programs per SM, and True is ``configs.PERSISTENT_PROGRAMS_PER_SM``.
+    """
+    wanted = options.get("PERSISTENT", False)
+    if wanted is True:
+        wanted = configs.PERSISTENT_PROGRAMS_PER_SM
+    return int(wanted) * sm_count(device) if wanted else 0
 
 
 def _score_mod_kind(score_mod, mask_mod) -> str:

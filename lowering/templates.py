@@ -15,9 +15,15 @@ def template_source(filename: str) -> str:
     return resources.files("flex_inductor.templates").joinpath(filename).read_text()
 
 
-def _forward_grid(batch, q_heads, q_len, head_dim, meta, *, cdiv):
-    # One program per BLOCK_M query rows of one (batch, query head).
-    return (cdiv(q_len, meta["BLOCK_M"]), batch, q_heads)
+def _forward_grid(batch, q_heads, q_len, head_dim, meta, *, cdiv, min):
+    # One program per BLOCK_M query rows of one (batch, query head), or
+    # under PERSISTENT a fixed number of programs that loop over those tiles
+    # (no more than there are tiles). ``min`` is sympy's Min for symbolic
+    # sizes: SymbolicGridFn passes it by name.
+    tiles = cdiv(q_len, meta["BLOCK_M"])
+    if meta.get("PERSISTENT"):
+        return (min(tiles * batch * q_heads, meta["NUM_PROGRAMS"]), 1, 1)
+    return (tiles, batch, q_heads)
 
 
 @functools.cache

@@ -110,6 +110,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
     FLOAT32_PRECISION : tl.constexpr = <config>
     USE_TMA : tl.constexpr = False
     LONGEST_FIRST : tl.constexpr = False
+    PERSISTENT : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
     Q = arg_Q
     K = arg_K
@@ -257,6 +258,7 @@ def _inner(
     FLOAT32_PRECISION : tl.constexpr = <config>
     USE_TMA : tl.constexpr = False
     LONGEST_FIRST : tl.constexpr = False
+    PERSISTENT : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
 
     # Each sparse kv block is covered by SPARSE_KV_BLOCK_SIZE // BLOCK_N steps.
@@ -373,6 +375,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     FLOAT32_PRECISION : tl.constexpr = <config>
     USE_TMA : tl.constexpr = False
     LONGEST_FIRST : tl.constexpr = False
+    PERSISTENT : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
     Q = arg_Q
     K = arg_K
@@ -520,6 +523,7 @@ def _inner(
     FLOAT32_PRECISION : tl.constexpr = <config>
     USE_TMA : tl.constexpr = False
     LONGEST_FIRST : tl.constexpr = False
+    PERSISTENT : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
 
     # Each sparse kv block is covered by SPARSE_KV_BLOCK_SIZE // BLOCK_N steps.
@@ -636,6 +640,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
     FLOAT32_PRECISION : tl.constexpr = <config>
     USE_TMA : tl.constexpr = False
     LONGEST_FIRST : tl.constexpr = False
+    PERSISTENT : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
     Q = arg_Q
     K = arg_K
@@ -783,6 +788,7 @@ def _inner(
     FLOAT32_PRECISION : tl.constexpr = <config>
     USE_TMA : tl.constexpr = False
     LONGEST_FIRST : tl.constexpr = False
+    PERSISTENT : tl.constexpr = False
     INDEX_DTYPE : tl.constexpr = tl.int32
 
     # Each sparse kv block is covered by SPARSE_KV_BLOCK_SIZE // BLOCK_N steps.

@@ -1,20 +1,24 @@
-"""The template options of session 4: TMA loads and query-block order.
+"""The template options: TMA loads, query-block order, persistent programs.
 
 ``USE_TMA`` loads the looped-over tiles through tensor descriptors (Triton's
 interpreter emulates them, so CI runs the same kernel text as Hopper);
-``LONGEST_FIRST`` launches query blocks last-first. Each must give the same
-results as the default kernels (the float64 oracle, the shared tolerance
-rule), including the odd shapes where TMA's zero padding does the bounds
-checks, and the lowering must fall back to plain loads where TMA cannot
-work (misaligned strides).
+``LONGEST_FIRST`` launches query blocks last-first; ``PERSISTENT`` launches
+a fixed number of forward programs that loop over the tiles (4 off the GPU:
+2 per SM, 2 SMs). Each must give the same results as the default kernels
+(the float64 oracle, the shared tolerance rule), including the odd shapes
+where TMA's zero padding does the bounds checks, and the lowering must fall
+back to plain loads where TMA cannot work (misaligned strides).
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
 from compile_utils import compile_and_run
 from flex_inductor.lowering import configs
+from flex_inductor.lowering.common import sm_count
 from oracle import assert_close_to_oracle, dense_oracle, lowp_attention
 from test_backward_kernel import (
     BWD,
@@ -31,6 +35,8 @@ OPTIONS = {
     "tma": {"USE_TMA": True},
     "longest_first": {"LONGEST_FIRST": True},
     "both": {"USE_TMA": True, "LONGEST_FIRST": True},
+    "persistent": {"PERSISTENT": True},
+    "persistent_longest_first": {"PERSISTENT": True, "LONGEST_FIRST": True},
 }
 
 
@@ -68,6 +74,52 @@ def test_forward_options_match_the_oracle(device, name, L, S, E, Ev):
     )
     assert constexpr(source, "USE_TMA") == str(tma)
     assert constexpr(source, "LONGEST_FIRST") == str(OPTIONS[name].get("LONGEST_FIRST", False))
+    persistent = OPTIONS[name].get("PERSISTENT", False)
+    assert constexpr(source, "PERSISTENT") == str(persistent)
+    tiles = -(-L // int(constexpr(source, "BLOCK_M")))
+    if persistent:
+        programs = configs.PERSISTENT_PROGRAMS_PER_SM * sm_count(q.device)
+        assert constexpr(source, "NUM_PROGRAMS") == str(programs)
+        assert _launch_grid(result) == (min(tiles * 2, programs), 1, 1)
+    else:
+        assert "NUM_PROGRAMS" not in source and "for tile in" not in source
+        assert _launch_grid(result) == (tiles, 1, 2)
+
+
+def _launch_grid(result) -> tuple[int, ...]:
+    """The (x, y, z) grid the one forward template kernel is launched with."""
+    launches = re.findall(
+        r"triton_tem_\w*flex_inductor_fwd\w*\.run\(.*?(\d+), (\d+), (\d+), stream=",
+        result.source,
+    )
+    assert len(launches) == 1, launches
+    return tuple(int(n) for n in launches[0])
+
+
+@pytest.mark.parametrize("longest_first", [False, True], ids=["in_order", "longest_first"])
+def test_persistent_forward_and_backward_with_gqa_and_batch(device, longest_first):
+    # More tiles than programs, so that each program loops over several,
+    # across query heads, kv heads and batches: off the GPU 2 batches x 4
+    # query heads x 8 tiles of 16 rows (113, an odd length) over 4 programs;
+    # on an H100 2 x 4 x 64 tiles (1023) over 264.
+    L, S = (113, 47) if device == "cpu" else (1023, 239)
+    q, k, v = make_qkv(2, 4, L, S, 16, Hkv=2, dtype=torch.float32, device=device)
+    block_mask = create_block_mask(masks.causal(), None, None, L, S, device=device, BLOCK_SIZE=32)
+    options = {"PERSISTENT": True, "LONGEST_FIRST": longest_first, "fwd_BLOCK_M": 16}
+    score_mod = mods.alibi(4, device=device)
+    _forward(q.detach(), k.detach(), v.detach(), score_mod, block_mask, options, enable_gqa=True)
+    problem = Case(
+        q, k, v, score_mod, block_mask, enable_gqa=True, return_lse=True, kernel_options=options
+    )
+    grads, result = problem.compiled()
+    assert_template_backward(result)
+    source = kernel_source(result, "def _inner(")
+    assert constexpr(source, "PERSISTENT") == "True"
+    assert constexpr(source, "LONGEST_FIRST") == str(longest_first)
+    programs = int(constexpr(source, "NUM_PROGRAMS"))
+    assert 2 * 4 * -(-L // 16) > programs
+    assert _launch_grid(result) == (programs, 1, 1)
+    problem.check(grads)
 
 
 def test_tma_forward_with_gqa_and_fully_masked_rows(device):

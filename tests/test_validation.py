@@ -227,3 +227,16 @@ def test_kernel_option_keys_contain_prefixed_tuning_keys():
     for key in _validation.TUNING_KEYS:
         assert {key, f"fwd_{key}", f"bwd_{key}", f"decode_{key}"} <= keys
     assert "fwd_BACKEND" not in keys  # only tuning keys are per kernel
+
+
+@pytest.mark.parametrize("persistent", [True, False, 0, 1, 3])
+def test_persistent_accepts_a_bool_or_programs_per_sm(persistent):
+    _validate(*_qkv(), kernel_options={"PERSISTENT": persistent})
+
+
+@pytest.mark.parametrize("persistent", [-1, 1.5, "yes", None])
+def test_persistent_rejects_other_values(persistent):
+    _raises(
+        ValueError, "`kernel_options['PERSISTENT']`", "programs per SM",
+        kernel_options={"PERSISTENT": persistent},
+    )
