@@ -49,6 +49,7 @@ KERNEL_OPTION_KEYS: set[str] = {
     "USE_TMA",
     "LONGEST_FIRST",
     "PERSISTENT",
+    "PERSISTENT_FLATTEN",
 }
 
 
