@@ -11,6 +11,7 @@
 #            line its shell-quoted arguments; tags ab1, ab2, ...) -> ab<N>.md
 #   grid     benchmarks/run_suite.sh $SUITE_PARTS (default grid) -> results.csv,
 #            summary.md
+#   host     benchmarks/host_overhead.py (host vs GPU time per call) -> host.log
 # Each part has its own time limit (TEST_TIMEOUT, COMPILE_TIMEOUT, AB_TIMEOUT;
 # the grid has SUITE_BUDGET), so that one slow part cannot eat the call.
 set -uo pipefail
@@ -51,6 +52,10 @@ for part in ${PARTS:-tests compile}; do
         >/dev/null 2>&1
       echo "suite exit $?"
       grep '^|' "$OUT/summary.md" | head -90
+      ;;
+    host)
+      timeout "${HOST_TIMEOUT:-60}" python3 benchmarks/host_overhead.py 2>&1 | tee "$OUT/host.log" \
+        | grep -E '^\||^    '
       ;;
   esac
   echo "### $part took $((SECONDS - start)) s"
