@@ -49,7 +49,6 @@ KERNEL_OPTION_KEYS: set[str] = {
     "USE_TMA",
     "LONGEST_FIRST",
     "PERSISTENT",
-    "PERSISTENT_FLATTEN",
 }
 
 

@@ -151,11 +151,7 @@ def lower_forward(
     if num_programs:
         # NUM_PROGRAMS only here, so that the default kernel's text does not
         # change: the template and _forward_grid read it under PERSISTENT only.
-        constexprs.update(
-            PERSISTENT=True,
-            NUM_PROGRAMS=num_programs,
-            FLATTEN_TILES=bool(options.get("PERSISTENT_FLATTEN", False)),
-        )
+        constexprs.update(PERSISTENT=True, NUM_PROGRAMS=num_programs)
     input_nodes = [query, key, value, lse, *sparse]
     choices: list = []
     configs_of_choices: list = []

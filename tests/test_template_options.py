@@ -37,7 +37,6 @@ OPTIONS = {
     "both": {"USE_TMA": True, "LONGEST_FIRST": True},
     "persistent": {"PERSISTENT": True},
     "persistent_longest_first": {"PERSISTENT": True, "LONGEST_FIRST": True},
-    "persistent_flatten": {"PERSISTENT": True, "PERSISTENT_FLATTEN": True},
 }
 
 
@@ -81,8 +80,6 @@ def test_forward_options_match_the_oracle(device, name, L, S, E, Ev):
     if persistent:
         programs = configs.PERSISTENT_PROGRAMS_PER_SM * sm_count(q.device)
         assert constexpr(source, "NUM_PROGRAMS") == str(programs)
-        flatten = OPTIONS[name].get("PERSISTENT_FLATTEN", False)
-        assert constexpr(source, "FLATTEN_TILES") == str(flatten)
         assert _launch_grid(result) == (min(tiles * 2, programs), 1, 1)
     else:
         assert "NUM_PROGRAMS" not in source and "for tile in" not in source
