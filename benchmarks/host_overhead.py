@@ -6,8 +6,11 @@ implementation and mode this prints:
 
 - host ms: wall time to issue 50 calls without synchronising (the GPU queue is
   deep enough that issuing does not wait for the GPU), per call;
-- GPU ms: CUDA-event time of the same 50 calls, per call;
-- kernels: the GPU kernels one call launches (torch.profiler), by name.
+- GPU ms: CUDA-event time of the same 50 calls, per call. It includes the GPU's
+  idle gaps, so when the host is the bottleneck it is close to host ms;
+- kernel ms: the summed durations of the kernels of one call (torch.profiler),
+  the GPU's own share;
+- kernels: those kernels, by name.
 
     python benchmarks/host_overhead.py --shape B2-H8-S2048-D64
 """
@@ -29,8 +32,10 @@ CALLS = 50
 
 
 def _step(attention, q, k, v, grad_out):
+    gqa = q.shape[1] != k.shape[1]
+
     def step():
-        out = attention(q, k, v)
+        out = attention(q, k, v, enable_gqa=gqa)
         if grad_out is not None:
             out.backward(grad_out)
 
@@ -59,10 +64,10 @@ def _kernels(step):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    names = collections.Counter(
-        e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-    )
-    return sum(names.values()), names
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = collections.Counter(e.name for e in kernels)
+    busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+    return busy_ms, names
 
 
 def main(argv=None) -> int:
@@ -70,8 +75,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default="B2-H8-S2048-D64")
     args = parser.parse_args(argv)
     B, Hq, Hkv, S, D = ba.parse_shape(args.shape)
-    print("| impl | mode | host ms/call | GPU ms/call | kernels per call |")
-    print("|---|---|---|---|---|")
+    print("| impl | mode | host ms/call | GPU ms/call | kernel ms/call | kernels per call |")
+    print("|---|---|---|---|---|---|")
     for mode in ("fwd", "fwdbwd"):
         grad = mode == "fwdbwd"
         q, k, v = (
@@ -86,8 +91,11 @@ def main(argv=None) -> int:
             torch._dynamo.reset()
             step = _step(torch.compile(attention), q, k, v, grad_out)
             host, gpu = _measure(step)
-            count, names = _kernels(step)
-            print(f"| {name} | {mode} | {host:.3f} | {gpu:.3f} | {count} |", flush=True)
+            busy, names = _kernels(step)
+            count = sum(names.values())
+            print(
+                f"| {name} | {mode} | {host:.3f} | {gpu:.3f} | {busy:.3f} | {count} |", flush=True
+            )
             for kernel, n in names.most_common():
                 print(f"    {n} x {kernel[:100]}", flush=True)
     return 0

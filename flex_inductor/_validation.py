@@ -262,11 +262,11 @@ def _check_kernel_options(kernel_options: Any) -> None:
             f"{', '.join(sorted(KERNEL_OPTION_KEYS))}"
         )
     persistent = kernel_options.get("PERSISTENT", False)
-    # A bool, or an int of programs per SM (bool is an int); 0 is off, like False.
-    if not isinstance(persistent, int) or persistent < 0:
-        raise ValueError(
-            "`kernel_options['PERSISTENT']` must be a bool or a non-negative int "
-            f"(programs per SM), got {persistent!r}"
+    # A bool only: an int count would compare equal to True (1 == True) in
+    # Dynamo's guards and caches, and so share a kernel with another setting.
+    if not isinstance(persistent, bool):
+        raise TypeError(
+            f"`kernel_options['PERSISTENT']` must be a bool, got {type(persistent).__name__}"
         )
 
 

@@ -114,8 +114,8 @@ LONGEST_FIRST = False
 
 # PERSISTENT=True launches this many forward programs per SM, so that one
 # wave fills the GPU if the tuned forward configs fit two CTAs on an SM (an
-# assumption, not checked per config). Experimental and off by default: not
-# yet measured.
+# assumption, not checked per config). Experimental and off by default:
+# measured 4% slower than one program per tile (benchmarks/NOTES.md entry 12).
 PERSISTENT_PROGRAMS_PER_SM = 2
 
 

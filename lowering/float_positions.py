@@ -6,12 +6,14 @@ positions and uses the difference in float math. Inlined in a template,
 the difference is a whole (BLOCK_M, BLOCK_N) integer tile, converted to float
 score by score: an integer subtract and an integer-to-float conversion per
 score, where a float32 subtract would do. Measured on the H100 (ALiBi, D64):
-2-3% faster forward and forward+backward (benchmarks/NOTES.md entry 12).
+2-3% faster forward and forward+backward in one run each, within the
+run-to-run spread (benchmarks/NOTES.md entry 12).
 
 Converting the positions first (BLOCK_M + BLOCK_N conversions) and doing the
 arithmetic in float32 gives the same values as long as every intermediate
-integer has magnitude below 2**24, which float32 holds exactly. This pass
-proves that bound from the sequence lengths (interval arithmetic over the
+integer has magnitude below 2**24, which float32 holds exactly, and no
+operation can turn a zero into -0.0 (so negation is left out). This pass
+proves the bound from the sequence lengths (interval arithmetic over the
 expression) and otherwise leaves the graph alone.
 """
 
@@ -27,7 +29,11 @@ prims = torch.ops.prims
 # float32 represents every integer of magnitude up to 2**24 exactly.
 EXACT_LIMIT = 2**24
 _COMBINE = (aten.add.Tensor, aten.sub.Tensor)
-_UNARY = (aten.neg.default, aten.abs.default)
+# Not neg: the float negation of a zero difference is -0.0, where the
+# integer path gives +0.0, and a consumer such as ``score / x`` tells them
+# apart (-inf against +inf). Adds, subtracts and abs of +0.0-or-nonzero
+# operands never produce -0.0 in round-to-nearest.
+_UNARY = (aten.abs.default,)
 _FLOAT_MATH = (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor)
 
 
@@ -106,8 +112,6 @@ def _interval(node, bounds):
         return lo, hi, max(a_mag, b_mag, abs(lo), abs(hi)), a_used | b_used
     if node.target in _UNARY and len(node.args) == 1 and node.args[0] in bounds:
         lo, hi, mag, used = bounds[node.args[0]]
-        if node.target == aten.neg.default:
-            return -hi, -lo, mag, used
         low = 0 if lo <= 0 <= hi else min(abs(lo), abs(hi))
         return low, max(abs(lo), abs(hi)), mag, used
     return None
@@ -119,13 +123,10 @@ def _takes_into_float32(user, node) -> bool:
         return False
     if _dtype(user) != torch.float32:
         return False
-    for arg in user.args:
-        if arg is node or isinstance(arg, float):
-            continue
-        # The other operand must be float32 itself: with a bfloat16 tensor the
-        # integer would be rounded to bfloat16 instead.
-        if not isinstance(arg, torch.fx.Node) or _dtype(arg) != torch.float32:
-            return False
+    # A float32 result means the other operand is a float32 tensor or a
+    # Python number (a bfloat16 tensor would make a bfloat16 result), so the
+    # integer operand was promoted to float32 on its own; a float32 operand
+    # in its place gives the same value.
     return True
 
 

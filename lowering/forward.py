@@ -149,8 +149,9 @@ def lower_forward(
     )
     num_programs = _persistent_programs(options, device)
     if num_programs:
-        # NUM_PROGRAMS only here, so that the default kernel's text does not
-        # change: the template and _forward_grid read it under PERSISTENT only.
+        # NUM_PROGRAMS only here, so that the default kernel's text gains no
+        # more than the PERSISTENT line: the template and _forward_grid read
+        # it under PERSISTENT only.
         constexprs.update(PERSISTENT=True, NUM_PROGRAMS=num_programs)
     input_nodes = [query, key, value, lse, *sparse]
     choices: list = []
@@ -217,13 +218,12 @@ def lower_forward(
 def _persistent_programs(options: dict, device) -> int:
     """Programs the persistent forward launches, or 0 for one program per tile.
 
-    ``kernel_options["PERSISTENT"]`` is off by default; a positive int is
-    programs per SM, and True is ``configs.PERSISTENT_PROGRAMS_PER_SM``.
+    ``kernel_options["PERSISTENT"]`` is off by default; True launches
+    ``configs.PERSISTENT_PROGRAMS_PER_SM`` programs per SM.
     """
-    wanted = options.get("PERSISTENT", False)
-    if wanted is True:
-        wanted = configs.PERSISTENT_PROGRAMS_PER_SM
-    return int(wanted) * sm_count(device) if wanted else 0
+    if not options.get("PERSISTENT", False):
+        return 0
+    return configs.PERSISTENT_PROGRAMS_PER_SM * sm_count(device)
 
 
 def _score_mod_kind(score_mod, mask_mod) -> str:
@@ -234,9 +234,10 @@ def _score_mod_kind(score_mod, mask_mod) -> str:
     # document id per token) or by the head are not.
     if _gathers_tile(score_mod, first_position=3) or _gathers_tile(mask_mod, first_position=2):
         return configs.TABLE
-    # Positions read by the score_mod make an integer tile per score (ALiBi's
-    # kv_idx - q_idx), which costs registers; a mask_mod's tile is only
-    # evaluated on partial blocks.
+    # Positions read by the score_mod make a tile of position arithmetic per
+    # score (ALiBi's kv_idx - q_idx; in float32 since float_positions.py, in
+    # integers before, when the configs were tuned), which costs registers; a
+    # mask_mod's tile is only evaluated on partial blocks.
     score_args = _placeholders(score_mod)
     if any(n.users for n in score_args[3:5]):
         return configs.POSITIONAL

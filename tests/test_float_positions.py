@@ -37,8 +37,16 @@ def abs_distance(score, b, h, q_idx, kv_idx, slopes):
     return score - (q_idx - kv_idx + 3).abs() * 0.1
 
 
-def negated_offset(score, b, h, q_idx, kv_idx, slopes):
-    return score * 2.0 + (-(kv_idx - q_idx) + 1) / 7.0
+def divided_by_distance(score, b, h, q_idx, kv_idx, slopes):
+    # Division by a zero distance: +inf or -inf by the sign of the score,
+    # which the float difference must keep (+0.0, as the integer gives).
+    return score / (kv_idx - q_idx)
+
+
+def negated_distance(score, b, h, q_idx, kv_idx, slopes):
+    # The float negation of a zero difference would be -0.0 (the integer
+    # path gives +0.0), flipping the sign of score / 0: kept as it is.
+    return score / (-(kv_idx - q_idx))
 
 
 def integer_consumer(score, b, h, q_idx, kv_idx, slopes):
@@ -87,7 +95,9 @@ def _integer_to_float_of_a_tile(gm) -> bool:
     return False
 
 
-@pytest.mark.parametrize("fn", [alibi_like, abs_distance, negated_offset], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "fn", [alibi_like, abs_distance, divided_by_distance], ids=lambda f: f.__name__
+)
 def test_rewritten_graphs_give_identical_values(fn):
     gm = _trace(fn)
     assert _integer_to_float_of_a_tile(gm)
@@ -100,12 +110,15 @@ def test_rewritten_graphs_give_identical_values(fn):
     placeholders = [n.name for n in rewritten.graph.nodes if n.op == "placeholder"]
     assert sorted(n.args[0].name for n in converts) == sorted(placeholders[Q_ARG : KV_ARG + 1])
     for got, want in zip(_evaluate(rewritten), _evaluate(gm), strict=True):
-        assert got.dtype == want.dtype
-        assert torch.equal(got, want)
+        assert got.dtype == want.dtype == torch.float32
+        # Bit for bit: torch.equal would take -0.0 for +0.0.
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 
 @pytest.mark.parametrize(
-    "fn", [integer_consumer, bfloat16_operand, one_position], ids=lambda f: f.__name__
+    "fn",
+    [integer_consumer, bfloat16_operand, one_position, negated_distance],
+    ids=lambda f: f.__name__,
 )
 def test_graphs_where_float_would_differ_or_gain_nothing_are_kept(fn):
     gm = _trace(fn)
@@ -139,6 +152,9 @@ def test_alibi_kernel_converts_positions_not_the_score_tile(device):
     for position in ("q_idx", "kv_idx"):
         converted = rf"(tmp\d+) = \({position}\)\n\s+tmp\d+ = \1\.to\(tl\.float32\)"
         assert re.search(converted, result.source), position
+    # ... and no longer subtracts the raw integer positions.
+    integer_tile = r"(tmp\d+) = \(kv_idx\)\n\s+(tmp\d+) = \(q_idx\)\n\s+tmp\d+ = \1 - \2"
+    assert not re.search(integer_tile, result.source)
     oracle, _ = dense_oracle(q, k, v, score_mod=alibi)
     lowp, _ = lowp_attention(q, k, v, score_mod=alibi)
     assert_close_to_oracle(result.output, oracle, lowp, "out")

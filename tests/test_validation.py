@@ -229,14 +229,14 @@ def test_kernel_option_keys_contain_prefixed_tuning_keys():
     assert "fwd_BACKEND" not in keys  # only tuning keys are per kernel
 
 
-@pytest.mark.parametrize("persistent", [True, False, 0, 1, 3])
-def test_persistent_accepts_a_bool_or_programs_per_sm(persistent):
+@pytest.mark.parametrize("persistent", [True, False])
+def test_persistent_accepts_a_bool(persistent):
     _validate(*_qkv(), kernel_options={"PERSISTENT": persistent})
 
 
-@pytest.mark.parametrize("persistent", [-1, 1.5, "yes", None])
-def test_persistent_rejects_other_values(persistent):
+@pytest.mark.parametrize("persistent", [0, 1, 3, 1.5, "yes", None])
+def test_persistent_rejects_anything_but_a_bool(persistent):
     _raises(
-        ValueError, "`kernel_options['PERSISTENT']`", "programs per SM",
+        TypeError, "`kernel_options['PERSISTENT']`", "bool",
         kernel_options={"PERSISTENT": persistent},
     )
