@@ -54,39 +54,50 @@ def float_position_arithmetic(
     """
     if q_len is None or kv_len is None:
         return graph_module
-    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
-    leaves = {placeholders[q_arg].name: q_len - 1, placeholders[kv_arg].name: kv_len - 1}
+    # Analyse the original first: most mods read no positions, or none in
+    # float math, and need no copy (a deep copy also copies the fake values).
+    if not _rewrites(graph_module, q_arg, kv_arg, q_len, kv_len)[1]:
+        return graph_module
     gm = torch.fx.GraphModule(graph_module, copy.deepcopy(graph_module.graph))
-    bounds = {}  # node -> (lowest, highest, largest magnitude on the way, leaves used)
-    rewrites = []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and node.name in leaves:
-            bounds[node] = (0, leaves[node.name], leaves[node.name], {node})
-        elif node.op == "call_function":
-            found = _interval(node, bounds)
-            if found is not None:
-                bounds[node] = found
-                lowest, highest, magnitude, used = found
-                # Only a tile of both positions is worth it: one position
-                # alone is a row or a column, converted cheaply as it is.
-                if len(used) == 2 and magnitude < EXACT_LIMIT:
-                    rewrites.append(node)
-    changed = False
+    bounds, rewrites = _rewrites(gm, q_arg, kv_arg, q_len, kv_len)
     floats = {}
-    for node in rewrites:
-        users = [u for u in node.users if _takes_into_float32(u, node)]
-        if not users:
-            continue
+    for node, users in rewrites:
         with gm.graph.inserting_before(node):
             as_float = _float_copy(gm.graph, node, bounds, floats)
         for user in users:
             user.replace_input_with(node, as_float)
-        changed = True
-    if not changed:
-        return graph_module
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _rewrites(graph_module, q_arg, kv_arg, q_len, kv_len):
+    """Bounds of the position expressions, and those to rewrite with their float users.
+
+    Returns:
+        ``(bounds, [(node, users), ...])``: ``bounds`` maps each integer position
+        expression to (lowest, highest, largest magnitude on the way, leaves used).
+    """
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    leaves = {placeholders[q_arg]: q_len - 1, placeholders[kv_arg]: kv_len - 1}
+    bounds = {leaf: (0, top, top, {leaf}) for leaf, top in leaves.items()}
+    rewrites = []
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        found = _interval(node, bounds)
+        if found is None:
+            continue
+        bounds[node] = found
+        *_, magnitude, used = found
+        # Only a tile of both positions is worth it: one position alone is a
+        # row or a column, converted cheaply as it is.
+        if len(used) < 2 or magnitude >= EXACT_LIMIT:
+            continue
+        users = [u for u in node.users if _takes_into_float32(u, node)]
+        if users:
+            rewrites.append((node, users))
+    return bounds, rewrites
 
 
 def _interval(node, bounds):
