@@ -87,20 +87,37 @@ def _cell(shape, variant, mode, option_sets, with_peer):
     return results
 
 
-def _experiment_variants(heads, device):
+def _experiment_variants(heads, seq_len, device):
     """Variants for experiments only, beside bench_attention's.
 
     ``alibi_int_tile``: ALiBi with the position difference converted to float
     explicitly, which keeps the lowering's float-position rewrite off: the
     kernel converts the integer (BLOCK_M, BLOCK_N) tile as before that change
     (benchmarks/NOTES.md entry 12).
+
+    ``prefix_lm_tile``: the prefix-LM mask with its prefix test written over
+    the whole (BLOCK_M, BLOCK_N) tile (``kv_idx - q_idx < P - q_idx``) instead
+    of a (1, BLOCK_N) row that is broadcast into the ``|``; the same mask.
+    ``prefix_lm_swapped``: the two terms of the ``|`` in the other order
+    (benchmarks/NOTES.md entry 13).
     """
     slopes = torch.tensor(fi.mods.alibi_slopes(heads), dtype=torch.float32, device=device)
+    prefix = seq_len // 4
 
     def alibi_int_tile(score, b, h, q_idx, kv_idx):
         return score + slopes[h] * (kv_idx - q_idx).to(torch.float32)
 
-    return [ba.Variant("alibi_int_tile", alibi_int_tile, None, None)]
+    def prefix_lm_tile(b, h, q_idx, kv_idx):
+        return (kv_idx - q_idx < prefix - q_idx) | (q_idx >= kv_idx)
+
+    def prefix_lm_swapped(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) | (kv_idx < prefix)
+
+    return [
+        ba.Variant("alibi_int_tile", alibi_int_tile, None, None),
+        ba.Variant("prefix_lm_tile", None, prefix_lm_tile, None),
+        ba.Variant("prefix_lm_swapped", None, prefix_lm_swapped, None),
+    ]
 
 
 def _outputs(call, q, grad_out):
@@ -127,7 +144,7 @@ def main(argv=None) -> int:
     lines.append("|" + "---|" * (len(option_sets) + 4))
     for shape in args.shapes.split(","):
         _, Hq, _, S, _ = ba.parse_shape(shape)
-        found = [*ba.variants(Hq, S, "cuda"), *_experiment_variants(Hq, "cuda")]
+        found = [*ba.variants(Hq, S, "cuda"), *_experiment_variants(Hq, S, "cuda")]
         by_name = {v.name: v for v in found}
         for variant_name in args.variants.split(","):
             for mode in args.modes.split(","):

@@ -152,6 +152,25 @@ def forward_tma_by_default(
     )
 
 
+def forward_prescale_by_default(
+    dtype: torch.dtype, device: torch.device, score_mod_kind: str
+) -> bool:
+    """Whether the forward scales q once (``PRESCALE_QK``) unless told otherwise.
+
+    On Hopper, bf16/fp16, for score_mods that gather a captured table (the
+    learnable bias): measured 29-33% faster forwards at B8 H16 S2048 D64,
+    B4 H16 S8192 D128 and the GQA shape, while ALiBi and softcap became 2-11%
+    slower with it (benchmarks/NOTES.md entry 13). Why the table kind gains was
+    not found; the saved multiply per score is far too small to explain it.
+    """
+    return (
+        device.type == "cuda"
+        and torch.cuda.get_device_capability(device)[0] == 9
+        and dtype != torch.float32
+        and score_mod_kind == TABLE
+    )
+
+
 def _table_lookup(table: dict, head_dim: int, is_fp32: bool) -> Config:
     for bound in (64, 128, 256):
         if head_dim <= bound:

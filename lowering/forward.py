@@ -120,7 +120,10 @@ def lower_forward(
     # buffer would be garbage, so the promise is checked against the graph.
     write_lse = bool(options.get("OUTPUT_LOGSUMEXP", True)) or output_is_used(1)
     sm_scale = static_float(scale)
-    prescale = bool(options.get("PRESCALE_QK", False))
+    prescale = options.get("PRESCALE_QK")
+    if prescale is None:
+        prescale = configs.forward_prescale_by_default(dtype, device, kind)
+    prescale = bool(prescale)
     # Folding the scale into the row max needs it positive (max commutes
     # with multiplication by a positive factor only).
     identity = is_identity_score_mod(score_mod) and sm_scale > 0

@@ -162,8 +162,10 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
     q_ptrs = Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_HEAD_DIM), other=0.0)
     if PRESCALE_QK:
-        # Scale once per q element instead of once per score.
-        q = (q * SM_SCALE).to(q.dtype)
+        # Scale once per q element instead of once per score. In float32:
+        # a bf16/fp16 tile times a Python float would round the scale itself
+        # to 16 bits first (and Triton's interpreter has no bf16 scalars).
+        q = (q.to(tl.float32) * SM_SCALE).to(q.dtype)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -427,8 +429,10 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     q_ptrs = Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_HEAD_DIM), other=0.0)
     if PRESCALE_QK:
-        # Scale once per q element instead of once per score.
-        q = (q * SM_SCALE).to(q.dtype)
+        # Scale once per q element instead of once per score. In float32:
+        # a bf16/fp16 tile times a Python float would round the scale itself
+        # to 16 bits first (and Triton's interpreter has no bf16 scalars).
+        q = (q.to(tl.float32) * SM_SCALE).to(q.dtype)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -692,8 +696,10 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
     q_ptrs = Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < QK_HEAD_DIM), other=0.0)
     if PRESCALE_QK:
-        # Scale once per q element instead of once per score.
-        q = (q * SM_SCALE).to(q.dtype)
+        # Scale once per q element instead of once per score. In float32:
+        # a bf16/fp16 tile times a Python float would round the scale itself
+        # to 16 bits first (and Triton's interpreter has no bf16 scalars).
+        q = (q.to(tl.float32) * SM_SCALE).to(q.dtype)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -101,8 +101,14 @@ def test_persistent_forward_and_backward_with_gqa_and_batch(device, longest_firs
     # More tiles than programs, so that each program loops over several,
     # across query heads, kv heads and batches: off the GPU 2 batches x 4
     # query heads x 8 tiles of 16 rows (113, an odd length) over 4 programs;
-    # on an H100 2 x 4 x 64 tiles (1023) over 264.
-    L, S = (113, 47) if device == "cpu" else (1023, 239)
+    # on an H100 2 x 4 x 64 tiles (1023) over 264. On the GPU S stays close
+    # to L: with S = 239 every key sat hundreds of positions behind the late
+    # queries, ALiBi put all their float32 scores near -200, and the exp2
+    # domain's extra roundings at that magnitude (the kernels' own, with or
+    # without PERSISTENT: out and lse came out bit-identical to the default
+    # kernel's) put dq at 2x the plain float32 error (benchmarks/NOTES.md
+    # entry 13).
+    L, S = (113, 47) if device == "cpu" else (1023, 1009)
     q, k, v = make_qkv(2, 4, L, S, 16, Hkv=2, dtype=torch.float32, device=device)
     block_mask = create_block_mask(masks.causal(), None, None, L, S, device=device, BLOCK_SIZE=32)
     options = {"PERSISTENT": True, "LONGEST_FIRST": longest_first, "fwd_BLOCK_M": 16}
@@ -190,3 +196,44 @@ def test_tma_default_follows_the_measurements(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert not configs.use_tma_by_default(128, cuda)
     assert not configs.forward_tma_by_default(64, bf16, cuda, configs.MASK_ONLY)
+
+
+def test_prescale_is_the_default_for_table_mods_on_hopper(monkeypatch):
+    # Measured on the H100 for learnable biases only (benchmarks/NOTES.md
+    # entry 13); ALiBi and softcap were slower with it.
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    bf16, fp32 = torch.bfloat16, torch.float32
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert configs.forward_prescale_by_default(bf16, cuda, configs.TABLE)
+    assert configs.forward_prescale_by_default(torch.float16, cuda, configs.TABLE)
+    for kind in (configs.POSITIONAL, configs.POINTWISE, configs.MASK_ONLY, configs.NO_MODS):
+        assert not configs.forward_prescale_by_default(bf16, cuda, kind)
+    assert not configs.forward_prescale_by_default(fp32, cuda, configs.TABLE)
+    assert not configs.forward_prescale_by_default(bf16, cpu, configs.TABLE)
+    for capability in ((8, 0), (10, 0)):
+        monkeypatch.setattr(
+            torch.cuda, "get_device_capability", lambda device=None, c=capability: c
+        )
+        assert not configs.forward_prescale_by_default(bf16, cuda, configs.TABLE)
+
+
+@pytest.mark.parametrize("asked", [None, False], ids=["default", "refused"])
+def test_prescale_default_reaches_the_kernel_and_matches_the_oracle(device, monkeypatch, asked):
+    # Off the GPU the default is off, so it is switched on here for table
+    # mods (the Hopper rule) to run the path CI cannot otherwise reach; an
+    # explicit PRESCALE_QK=False still wins. ALiBi (positional) stays off.
+    def hopper_rule(dtype, device, kind):
+        return kind == configs.TABLE
+
+    monkeypatch.setattr(configs, "forward_prescale_by_default", hopper_rule)
+    q, k, v = make_qkv(1, 2, 113, 47, 40, dtype=torch.bfloat16, device=device)
+    bias_mod, bias = mods.learnable_relative_bias(2, 128, device=device)
+    with torch.no_grad():
+        bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(3)))
+    block_mask = create_block_mask(
+        masks.causal(), None, None, 113, 47, device=device, BLOCK_SIZE=32
+    )
+    options = {} if asked is None else {"PRESCALE_QK": asked}
+    for score_mod, expected in ((bias_mod, asked is None), (mods.alibi(2, device=device), False)):
+        result = _forward(q, k, v, score_mod, block_mask, options)
+        assert constexpr(kernel_source(result, "def _inner("), "PRESCALE_QK") == str(expected)
