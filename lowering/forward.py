@@ -122,7 +122,10 @@ def lower_forward(
     sm_scale = static_float(scale)
     prescale = options.get("PRESCALE_QK")
     if prescale is None:
-        prescale = configs.forward_prescale_by_default(dtype, device, kind)
+        prescale = configs.forward_prescale_by_default(
+            dtype, device, _gathers_tile(score_mod, first_position=3), sm_scale,
+            output_is_used(1),
+        )
     prescale = bool(prescale)
     # Folding the scale into the row max needs it positive (max commutes
     # with multiplication by a positive factor only).

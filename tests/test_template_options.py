@@ -199,41 +199,119 @@ def test_tma_default_follows_the_measurements(monkeypatch):
 
 
 def test_prescale_is_the_default_for_table_mods_on_hopper(monkeypatch):
-    # Measured on the H100 for learnable biases only (benchmarks/NOTES.md
-    # entry 13); ALiBi and softcap were slower with it.
+    # Measured on the H100 in bf16 for learnable biases only (benchmarks/NOTES.md
+    # entry 13); ALiBi and softcap were slower with it. Where the lse is read
+    # (a backward, which does not prescale), only an exact (power of two) scale.
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    bf16, fp32 = torch.bfloat16, torch.float32
+    bf16 = torch.bfloat16
+    d128, d64 = 128**-0.5, 64**-0.5
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert configs.forward_prescale_by_default(bf16, cuda, configs.TABLE)
-    assert configs.forward_prescale_by_default(torch.float16, cuda, configs.TABLE)
-    for kind in (configs.POSITIONAL, configs.POINTWISE, configs.MASK_ONLY, configs.NO_MODS):
-        assert not configs.forward_prescale_by_default(bf16, cuda, kind)
-    assert not configs.forward_prescale_by_default(fp32, cuda, configs.TABLE)
-    assert not configs.forward_prescale_by_default(bf16, cpu, configs.TABLE)
+    rule = configs.forward_prescale_by_default
+    assert rule(bf16, cuda, True, d128, lse_is_read=False)
+    assert rule(bf16, cuda, True, d64, lse_is_read=True)
+    assert not rule(bf16, cuda, True, d128, lse_is_read=True)
+    assert not rule(bf16, cuda, False, d64, lse_is_read=False)
+    for dtype in (torch.float16, torch.float32):
+        assert not rule(dtype, cuda, True, d64, lse_is_read=False)
+    assert not rule(bf16, cpu, True, d64, lse_is_read=False)
     for capability in ((8, 0), (10, 0)):
         monkeypatch.setattr(
             torch.cuda, "get_device_capability", lambda device=None, c=capability: c
         )
-        assert not configs.forward_prescale_by_default(bf16, cuda, configs.TABLE)
+        assert not rule(bf16, cuda, True, d64, lse_is_read=False)
 
 
-@pytest.mark.parametrize("asked", [None, False], ids=["default", "refused"])
-def test_prescale_default_reaches_the_kernel_and_matches_the_oracle(device, monkeypatch, asked):
-    # Off the GPU the default is off, so it is switched on here for table
-    # mods (the Hopper rule) to run the path CI cannot otherwise reach; an
-    # explicit PRESCALE_QK=False still wins. ALiBi (positional) stays off.
-    def hopper_rule(dtype, device, kind):
-        return kind == configs.TABLE
+def _on_hopper_rule(monkeypatch):
+    """The prescale rule as on a Hopper GPU, here (CPU), recording its arguments."""
+    calls = []
 
-    monkeypatch.setattr(configs, "forward_prescale_by_default", hopper_rule)
-    q, k, v = make_qkv(1, 2, 113, 47, 40, dtype=torch.bfloat16, device=device)
-    bias_mod, bias = mods.learnable_relative_bias(2, 128, device=device)
+    def rule(dtype, device, score_mod_gathers_table, scale, lse_is_read):
+        calls.append((score_mod_gathers_table, lse_is_read))
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+            return original(dtype, torch.device("cuda"), score_mod_gathers_table, scale,
+                            lse_is_read)
+
+    original = configs.forward_prescale_by_default
+    monkeypatch.setattr(configs, "forward_prescale_by_default", rule)
+    return calls
+
+
+def _relative_bias(device, heads, max_len):
+    score_mod, bias = mods.learnable_relative_bias(heads, max_len, device=device)
     with torch.no_grad():
         bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(3)))
+    return score_mod, bias
+
+
+@pytest.mark.parametrize("E", [40, 64])
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out_only", "with_lse"])
+def test_prescale_default_in_inference(device, monkeypatch, E, return_lse):
+    # Off the GPU the default is off, so the Hopper rule is applied here to
+    # run the prescaled kernel in CI. Inference without the lse prescales
+    # whatever the scale; with it, only the exact scale of head dim 64.
+    calls = _on_hopper_rule(monkeypatch)
+    q, k, v = make_qkv(1, 2, 113, 47, E, dtype=torch.bfloat16, device=device)
+    bias_mod, _ = _relative_bias(device, 2, 128)
     block_mask = create_block_mask(
         masks.causal(), None, None, 113, 47, device=device, BLOCK_SIZE=32
     )
-    options = {} if asked is None else {"PRESCALE_QK": asked}
-    for score_mod, expected in ((bias_mod, asked is None), (mods.alibi(2, device=device), False)):
+
+    def attention(q, k, v):
+        return flex_attention(
+            q, k, v, score_mod=bias_mod, block_mask=block_mask, return_lse=return_lse
+        )
+
+    with torch.no_grad():
+        result = compile_and_run(attention, q, k, v)
+    assert calls == [(True, return_lse)]
+    expected = not return_lse or E == 64
+    assert constexpr(kernel_source(result, "def _inner("), "PRESCALE_QK") == str(expected)
+    out = result.output[0] if return_lse else result.output
+    oracle = dense_oracle(q.double(), k.double(), v.double(), bias_mod, block_mask, None, False)
+    lowp = lowp_attention(q, k, v, bias_mod, block_mask, None, False)
+    assert_close_to_oracle(out, oracle[0], lowp[0], "out")
+
+
+def test_prescale_default_is_off_for_other_mods_and_when_refused(device, monkeypatch):
+    # A table gathered by the mask_mod (not the score_mod), ALiBi, and an
+    # explicit PRESCALE_QK=False: no prescale even under the Hopper rule.
+    calls = _on_hopper_rule(monkeypatch)
+    q, k, v = make_qkv(1, 2, 40, 40, 64, dtype=torch.bfloat16, device=device)
+    dense = torch.rand(40, 40, generator=torch.Generator().manual_seed(5)) > 0.5
+
+    def table_mask(b, h, q_idx, kv_idx):
+        return dense.to(device)[q_idx, kv_idx] | (q_idx == kv_idx)
+
+    bias_mod, _ = _relative_bias(device, 2, 64)
+    cases = [
+        (None, table_mask, {}, False),
+        (mods.alibi(2, device=device), None, {}, False),
+        (bias_mod, None, {"PRESCALE_QK": False}, None),
+    ]
+    for score_mod, mask_mod, options, gathers in cases:
+        calls.clear()
+        block_mask = mask_mod and create_block_mask(
+            mask_mod, None, None, 40, 40, device=device, BLOCK_SIZE=16
+        )
         result = _forward(q, k, v, score_mod, block_mask, options)
-        assert constexpr(kernel_source(result, "def _inner("), "PRESCALE_QK") == str(expected)
+        assert constexpr(kernel_source(result, "def _inner("), "PRESCALE_QK") == "False"
+        # The rule is asked only when the option is absent.
+        assert calls == ([] if gathers is None else [(gathers, True)])
+
+
+def test_prescaled_training_matches_the_oracle(device, monkeypatch):
+    # Training reads the lse in the backward, which does not prescale: the
+    # default holds only at the exact scale of head dim 64, where the forward
+    # and the backward see the same scores. bf16, the dtype the rule is for.
+    calls = _on_hopper_rule(monkeypatch)
+    q, k, v = make_qkv(1, 2, 113, 47, 64, dtype=torch.bfloat16, device=device)
+    bias_mod, bias = _relative_bias(device, 2, 128)
+    block_mask = create_block_mask(
+        masks.causal(), None, None, 113, 47, device=device, BLOCK_SIZE=32
+    )
+    problem = Case(q, k, v, bias_mod, block_mask, params={"bias": bias})
+    grads, result = problem.compiled()
+    assert (True, True) in calls
+    assert constexpr(kernel_source(result, "def _inner("), "PRESCALE_QK") == "True"
+    problem.check(grads)
