@@ -104,7 +104,7 @@ def test_persistent_forward_and_backward_with_gqa_and_batch(device, longest_firs
     # on an H100 2 x 4 x 64 tiles (1023) over 264. On the GPU S stays close
     # to L: with S = 239 every key sat hundreds of positions behind the late
     # queries and ALiBi put all their float32 scores near -200; there dq
-    # came out at 6.7x the plain float32 error, over the bound. PERSISTENT was
+    # came out at 6.6x the plain float32 error, over the bound. PERSISTENT was
     # not the cause (on the same problem its out and lse were bit-identical to
     # the default kernel's); the likely one is the exp2 domain's roundings at
     # that magnitude (benchmarks/NOTES.md entry 13).
