@@ -162,6 +162,12 @@ def _lower_with_templates(
     sm_scale = static_float(scale)
     # As in the forward: no score_mod folds the (positive) scale into exp2.
     identity = is_identity_score_mod(fw_graph) and sm_scale > 0
+    # PRESCALE_QK: recompute the scores from q scaled and rounded as the
+    # forward did, or they would not match its lse. Only when asked for: the
+    # forward's own default (configs.forward_prescale_by_default) holds in
+    # training only at power-of-two scales, where rounding q * scale is exact
+    # and both ways give the same scores.
+    prescale = bool(options.get("PRESCALE_QK", False))
     # Tiles walk whole sparse blocks: bounds checks can go when both lengths
     # fill their last sparse block.
     divisible = sizes_are_static_multiple(L, q_block) and sizes_are_static_multiple(S, kv_block)
@@ -175,7 +181,8 @@ def _lower_with_templates(
         GQA_SHARED_HEADS=static_int(Hq) // static_int(Hkv),
         SM_SCALE=sm_scale,
         SCORE_MOD_IS_IDENTITY=identity,
-        EXP2_FACTOR=exp2_factor(sm_scale, fold_scale=identity),
+        EXP2_FACTOR=exp2_factor(sm_scale, fold_scale=identity and not prescale),
+        PRESCALE_QK=prescale,
         IS_DIVISIBLE=divisible,
         HAS_FULL_BLOCKS=has_full,
         HAS_PARTIAL_BLOCKS=has_partial_blocks(options, has_full),

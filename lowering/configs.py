@@ -169,10 +169,11 @@ def forward_prescale_by_default(
     table gather gains was not found; the multiply saved per score is far too
     small to explain it. fp16 was not measured.
 
-    Rounding ``q * scale`` to bf16 changes the scores; the backward recomputes
-    them from the unrounded q, so when the lse is read (saved for a backward,
-    or returned) the default holds only where the rounding is exact: a scale
-    that is a power of two (head dim 64: 1/8).
+    Rounding ``q * scale`` to bf16 changes the scores. The backward prescales
+    too only when ``PRESCALE_QK`` is asked for (its speed with it was not
+    measured), so when the lse is read (saved for a backward, or returned) the
+    default holds only where the rounding is exact and both ways give the same
+    scores: a scale that is a power of two (head dim 64: 1/8).
 
     Args:
         dtype: The inputs' dtype.

@@ -101,6 +101,7 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
     SM_SCALE : tl.constexpr = 0.25
     SCORE_MOD_IS_IDENTITY : tl.constexpr = False
     EXP2_FACTOR : tl.constexpr = 1.4426950408889634
+    PRESCALE_QK : tl.constexpr = False
     IS_DIVISIBLE : tl.constexpr = True
     HAS_FULL_BLOCKS : tl.constexpr = True
     HAS_PARTIAL_BLOCKS : tl.constexpr = True
@@ -239,6 +240,7 @@ def _dkdv_inner(
     SM_SCALE : tl.constexpr = 0.25
     SCORE_MOD_IS_IDENTITY : tl.constexpr = False
     EXP2_FACTOR : tl.constexpr = 1.4426950408889634
+    PRESCALE_QK : tl.constexpr = False
     IS_DIVISIBLE : tl.constexpr = True
     HAS_FULL_BLOCKS : tl.constexpr = True
     HAS_PARTIAL_BLOCKS : tl.constexpr = True
@@ -267,13 +269,21 @@ def _dkdv_inner(
                 Q_src + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
                 mask=row_ok[:, None] & (offs_d[None, :] < QK_HEAD_DIM), other=0.0,
             )
-        qkT = tl.dot(k, tl.trans(q), input_precision=FLOAT32_PRECISION)
+        if PRESCALE_QK:
+            # The scores the forward's lse was taken over: q scaled, then
+            # rounded to its dtype, as the forward did.
+            q_scaled = (q.to(tl.float32) * SM_SCALE).to(q.dtype)
+            qkT = tl.dot(k, tl.trans(q_scaled), input_precision=FLOAT32_PRECISION)
+        else:
+            qkT = tl.dot(k, tl.trans(q), input_precision=FLOAT32_PRECISION)
         q_idx = tl.minimum(offs_m, Q_LEN - 1)[None, :]
         if SCORE_MOD_IS_IDENTITY:
-            # No score_mod: the scale is folded into EXP2_FACTOR below.
+            # No score_mod: the scale is folded into EXP2_FACTOR below
+            # (unless q was prescaled).
             post_mod_scores = qkT
         else:
-            qkT = qkT * SM_SCALE
+            if not PRESCALE_QK:
+                qkT = qkT * SM_SCALE
             tmp0 = (qkT)
             tmp1 = (off_h)
             tmp2 = tl.load(in_ptr11 + tmp1)
@@ -359,6 +369,7 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
     SM_SCALE : tl.constexpr = 0.25
     SCORE_MOD_IS_IDENTITY : tl.constexpr = False
     EXP2_FACTOR : tl.constexpr = 1.4426950408889634
+    PRESCALE_QK : tl.constexpr = False
     IS_DIVISIBLE : tl.constexpr = True
     HAS_FULL_BLOCKS : tl.constexpr = True
     HAS_PARTIAL_BLOCKS : tl.constexpr = True
@@ -418,6 +429,11 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
         DO + off_z * stride_doz + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_v[None, :] * stride_dok,
         mask=row_ok[:, None] & (offs_v[None, :] < V_HEAD_DIM), other=0.0,
     )
+    if PRESCALE_QK:
+        # Scores as the forward computed them (q scaled, then rounded to its
+        # dtype), so that they match the lse it saved; dq still takes the
+        # scale once at the end.
+        q = (q.to(tl.float32) * SM_SCALE).to(q.dtype)
     lse = tl.load(LSE + off_z * stride_lz + off_h * stride_lh + offs_m * stride_lm, mask=row_ok, other=float("inf"))
     # A fully masked row has lse == -inf; +inf instead makes its p zero.
     # Kept in the log2 domain, as the loop's exp2 wants it.
@@ -491,6 +507,7 @@ def _dq_inner(
     SM_SCALE : tl.constexpr = 0.25
     SCORE_MOD_IS_IDENTITY : tl.constexpr = False
     EXP2_FACTOR : tl.constexpr = 1.4426950408889634
+    PRESCALE_QK : tl.constexpr = False
     IS_DIVISIBLE : tl.constexpr = True
     HAS_FULL_BLOCKS : tl.constexpr = True
     HAS_PARTIAL_BLOCKS : tl.constexpr = True
@@ -522,10 +539,12 @@ def _dq_inner(
         qk = tl.dot(q, tl.trans(k), input_precision=FLOAT32_PRECISION)
         kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
         if SCORE_MOD_IS_IDENTITY:
-            # No score_mod: the scale is folded into EXP2_FACTOR below.
+            # No score_mod: the scale is folded into EXP2_FACTOR below
+            # (unless q was prescaled).
             post_mod_scores = qk
         else:
-            qk = qk * SM_SCALE
+            if not PRESCALE_QK:
+                qk = qk * SM_SCALE
             tmp0 = (qk)
             tmp1 = (off_h)
             tmp2 = tl.load(in_ptr10 + tmp1)

@@ -315,3 +315,74 @@ def test_prescaled_training_matches_the_oracle(device, monkeypatch):
     assert (True, True) in calls
     assert constexpr(kernel_source(result, "def _inner("), "PRESCALE_QK") == "True"
     problem.check(grads)
+
+
+def _max_errors(fn, inputs, grad_out, reference):
+    """max |error| of fn's output and input gradients against ``reference``'s."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    ours = [out, *torch.autograd.grad(out, leaves, grad_out.to(out.dtype))]
+    return [(a.double() - b).abs().max().item() for a, b in zip(ours, reference, strict=True)]
+
+
+def _oracle_with_grads(q, k, v, score_mod, block_mask, scale, grad_out):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out, _ = dense_oracle(*leaves, score_mod, block_mask, scale)
+    return [out, *torch.autograd.grad(out, leaves, grad_out.double())]
+
+
+@pytest.mark.parametrize("score_mod_name", ["none", "relative_bias"])
+def test_explicit_prescale_in_training_recomputes_the_forward_scores(device, score_mod_name):
+    # PRESCALE_QK=True at head dim 40, whose scale 40**-0.5 rounding to bf16
+    # changes: the backward must recompute the scores from q scaled and
+    # rounded as the forward did, or its probabilities do not match the saved
+    # lse. The prescaled call is compared with the float64 oracle of the
+    # function it computes (q rounded after scaling, scale 1, dq times the
+    # scale); its errors must stay near the default kernel's against the
+    # plain oracle. A backward that does not prescale had dq, dk and dv
+    # errors 2-3x the default's here (q * 4 makes the scores large).
+    E = 40
+    q, k, v = make_qkv(1, 2, 113, 47, E, dtype=torch.bfloat16, device=device)
+    q = (q.float() * 4).to(torch.bfloat16)
+    grad_out = torch.randn(1, 2, 113, E, generator=torch.Generator().manual_seed(7)).to(device)
+    score_mod = None
+    if score_mod_name == "relative_bias":
+        score_mod, _ = _relative_bias(device, 2, 128)
+    block_mask = create_block_mask(
+        masks.causal(), None, None, 113, 47, device=device, BLOCK_SIZE=32
+    )
+    scale = E**-0.5
+    errors = {}
+    for prescale in (False, True):
+        options = {"PRESCALE_QK": prescale}
+
+        def attention(q, k, v, options=options):
+            return flex_attention(
+                q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=options
+            )
+
+        fn = torch.compile(attention, fullgraph=True)
+        if prescale:
+            scaled_q = (q.float() * scale).to(torch.bfloat16)
+            reference = _oracle_with_grads(
+                scaled_q, k, v, score_mod, block_mask, 1.0, grad_out
+            )
+            reference[1] = reference[1] * scale
+        else:
+            reference = _oracle_with_grads(q, k, v, score_mod, block_mask, None, grad_out)
+        errors[prescale] = _max_errors(fn, (q, k, v), grad_out, reference)
+        torch._dynamo.reset()
+    for name, plain, prescaled in zip(("out", "dq", "dk", "dv"), *errors.values(), strict=True):
+        assert prescaled <= 1.5 * plain + 1e-3, (name, prescaled, plain)
+
+
+def test_explicit_prescale_reaches_both_backward_kernels(device):
+    q, k, v = make_qkv(1, 2, 40, 40, 40, dtype=torch.bfloat16, device=device)
+    bias_mod, bias = _relative_bias(device, 2, 64)
+    problem = Case(
+        q, k, v, bias_mod, None, params={"bias": bias}, kernel_options={"PRESCALE_QK": True}
+    )
+    grads, result = problem.compiled()
+    for marker in ("def _inner(", "def _dkdv_inner(", "def _dq_inner("):
+        assert constexpr(kernel_source(result, marker), "PRESCALE_QK") == "True", marker
+    problem.check(grads)
