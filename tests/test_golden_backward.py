@@ -269,13 +269,12 @@ def _dkdv_inner(
                 Q_src + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
                 mask=row_ok[:, None] & (offs_d[None, :] < QK_HEAD_DIM), other=0.0,
             )
+        q_scores = q
         if PRESCALE_QK:
             # The scores the forward's lse was taken over: q scaled, then
-            # rounded to its dtype, as the forward did.
-            q_scaled = (q.to(tl.float32) * SM_SCALE).to(q.dtype)
-            qkT = tl.dot(k, tl.trans(q_scaled), input_precision=FLOAT32_PRECISION)
-        else:
-            qkT = tl.dot(k, tl.trans(q), input_precision=FLOAT32_PRECISION)
+            # rounded to its dtype, as the forward did (dk still uses q).
+            q_scores = (q.to(tl.float32) * SM_SCALE).to(q.dtype)
+        qkT = tl.dot(k, tl.trans(q_scores), input_precision=FLOAT32_PRECISION)
         q_idx = tl.minimum(offs_m, Q_LEN - 1)[None, :]
         if SCORE_MOD_IS_IDENTITY:
             # No score_mod: the scale is folded into EXP2_FACTOR below
