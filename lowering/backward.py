@@ -45,6 +45,7 @@ from .common import (
 )
 from .configs import use_tma_by_default
 from .fallback import dense_backward_fallback
+from .prescale import prescale_q
 from .scatter import UnsupportedScatter, collect_gradient_buffers
 from .subgraph import JOINT_ARGS, first_output_only, lower_mod
 from .templates import backward_dkdv_template, backward_dq_template
@@ -163,11 +164,8 @@ def _lower_with_templates(
     # As in the forward: no score_mod folds the (positive) scale into exp2.
     identity = is_identity_score_mod(fw_graph) and sm_scale > 0
     # PRESCALE_QK: recompute the scores from q scaled and rounded as the
-    # forward did, or they would not match its lse. Only when asked for: the
-    # forward's own default (configs.forward_prescale_by_default) holds in
-    # training only at power-of-two scales, where rounding q * scale is exact
-    # and both ways give the same scores.
-    prescale = bool(options.get("PRESCALE_QK", False))
+    # forward did, or they would not match its lse.
+    prescale = prescale_q(options, query, key, fw_graph, block_mask, block_sizes)
     # Tiles walk whole sparse blocks: bounds checks can go when both lengths
     # fill their last sparse block.
     divisible = sizes_are_static_multiple(L, q_block) and sizes_are_static_multiple(S, kv_block)

@@ -8,7 +8,6 @@ by GPU capability, head dim and dtype; Hopper (sm90) first. Under
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -153,46 +152,38 @@ def forward_tma_by_default(
     )
 
 
-def forward_prescale_by_default(
-    dtype: torch.dtype,
-    device: torch.device,
-    score_mod_gathers_table: bool,
-    scale: float,
-    lse_is_read: bool,
+def prescale_by_default(
+    dtype: torch.dtype, device: torch.device, score_mod_gathers_table: bool
 ) -> bool:
-    """Whether the forward scales q once (``PRESCALE_QK``) unless told otherwise.
+    """Whether the kernels scale q once (``PRESCALE_QK``) unless told otherwise.
 
     On Hopper in bf16, for score_mods that gather a captured table indexed by
-    both positions (the learnable bias): measured 27-33% faster forwards at
-    B8 H16 S2048 D64, B4 H16 S8192 D128 and the GQA shape, while ALiBi and
-    softcap became 2-12% slower with it (benchmarks/NOTES.md entry 13). Why the
+    both positions (the learnable bias). Measured on the H100: forwards 27-33%
+    faster at B8 H16 S2048 D64, B4 H16 S8192 D128 and the GQA shape (NOTES.md
+    entry 13), forward+backward 21-46% faster with the backward prescaling
+    too (entry 14); ALiBi and softcap became 2-12% slower with it. Why the
     table gather gains was not found; the multiply saved per score is far too
     small to explain it. fp16 was not measured.
 
-    Rounding ``q * scale`` to bf16 changes the scores. The backward prescales
-    too only when ``PRESCALE_QK`` is asked for (its speed with it was not
-    measured), so when the lse is read (saved for a backward, or returned) the
-    default holds only where the rounding is exact and both ways give the same
-    scores: a scale that is a power of two (head dim 64: 1/8).
+    Rounding ``q * scale`` to bf16 changes the scores; the forward, the
+    backward and their dense fallbacks all follow this one decision
+    (``prescale.prescale_q``), so the backward recomputes the scores the
+    forward's lse came from.
 
     Args:
         dtype: The inputs' dtype.
         device: The inputs' device.
         score_mod_gathers_table: The score_mod reads a captured tensor at
             indices built from both q_idx and kv_idx.
-        scale: The softmax scale.
-        lse_is_read: Something reads the forward's lse.
 
     Returns:
         True to prescale.
     """
-    exact = scale > 0 and math.frexp(scale)[0] == 0.5
     return (
         device.type == "cuda"
         and torch.cuda.get_device_capability(device)[0] == 9
         and dtype == torch.bfloat16
         and score_mod_gathers_table
-        and (exact or not lse_is_read)
     )
 
 

@@ -14,6 +14,8 @@ import torch
 from flex_inductor import _compat
 from flex_inductor._dense_op import encode_graph
 
+from .prescale import prescale_q, scaled
+
 log = logging.getLogger("flex_inductor")
 _ind = _compat.inductor_api()
 
@@ -27,6 +29,9 @@ def dense_forward_fallback(
         "flex_inductor: %s %s has no Triton template here; using the blockwise dense kernel",
         query.get_device(), query.get_dtype(),
     )
+    if prescale_q(kernel_options, query, key, score_mod, block_mask, block_sizes):
+        # The scores the backward will recompute: q scaled once and rounded.
+        query, scale = scaled(query, float(scale)), 1.0
     handler = _ind.fallback_handler(
         torch.ops.flex_inductor.dense_attention.default, add_to_fallback_set=False
     )
@@ -47,15 +52,22 @@ def dense_backward_fallback(
     # returns None in the slot of every buffer that does not.
     joint_outputs = _graph_outputs(joint_graph.graph_module)
     needs_grad = [o is not None for o in joint_outputs[1:]]
+    # The forward's lse came from q scaled once (and rounded) when it
+    # prescaled: recompute those scores, then dq = scale * d(scaled q).
+    prescale = prescale_q(kernel_options, query, key, fw_graph, block_mask, block_sizes)
+    q_scale = float(scale)
     handler = _ind.fallback_handler(
         torch.ops.flex_inductor.dense_attention_backward.default, add_to_fallback_set=False
     )
     results = handler(
-        query, key, value, out, lse, grad_out, grad_lse, encode_graph(fw_graph.graph_module),
-        encode_graph(mask_mod.graph_module), list(block_mask), list(block_sizes), float(scale),
+        scaled(query, q_scale) if prescale else query, key, value, out, lse, grad_out,
+        grad_lse, encode_graph(fw_graph.graph_module), encode_graph(mask_mod.graph_module),
+        list(block_mask), list(block_sizes), 1.0 if prescale else q_scale,
         list(score_mod_buffers), list(mask_mod_buffers), needs_grad,
     )
     dq, dk, dv, *grads = results
+    if prescale:
+        dq = scaled(dq, q_scale)
     return dq, dk, dv, [g if need else None for g, need in zip(grads, needs_grad, strict=True)]
 
 

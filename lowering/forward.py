@@ -47,6 +47,7 @@ from .common import (
     use_tma,
 )
 from .decode import decode_eligible, lower_decode
+from .prescale import gathers_tile, placeholders, prescale_q
 from .templates import forward_template
 
 log = logging.getLogger("flex_inductor")
@@ -120,13 +121,7 @@ def lower_forward(
     # buffer would be garbage, so the promise is checked against the graph.
     write_lse = bool(options.get("OUTPUT_LOGSUMEXP", True)) or output_is_used(1)
     sm_scale = static_float(scale)
-    prescale = options.get("PRESCALE_QK")
-    if prescale is None:
-        prescale = configs.forward_prescale_by_default(
-            dtype, device, _gathers_tile(score_mod, first_position=3), sm_scale,
-            output_is_used(1),
-        )
-    prescale = bool(prescale)
+    prescale = prescale_q(options, query, key, score_mod, block_mask, block_sizes)
     # Folding the scale into the row max needs it positive (max commutes
     # with multiplication by a positive factor only).
     identity = is_identity_score_mod(score_mod) and sm_scale > 0
@@ -238,50 +233,21 @@ def _score_mod_kind(score_mod, mask_mod) -> str:
     # a dense mask lookup) is a tile-sized gather, which Triton pipelines
     # through shared memory like K and V. Vectors indexed by one position (a
     # document id per token) or by the head are not.
-    if _gathers_tile(score_mod, first_position=3) or _gathers_tile(mask_mod, first_position=2):
+    if gathers_tile(score_mod, first_position=3) or gathers_tile(mask_mod, first_position=2):
         return configs.TABLE
     # Positions read by the score_mod make a tile of position arithmetic per
     # score (ALiBi's kv_idx - q_idx; in float32 since float_positions.py, in
     # integers before, when the configs were tuned), which costs registers; a
     # mask_mod's tile is only evaluated on partial blocks.
-    score_args = _placeholders(score_mod)
+    score_args = placeholders(score_mod)
     if any(n.users for n in score_args[3:5]):
         return configs.POSITIONAL
     if not is_identity_score_mod(score_mod):
         return configs.POINTWISE
     # A mask_mod that reads none of its arguments keeps everything (noop_mask).
-    if not any(n.users for n in _placeholders(mask_mod)):
+    if not any(n.users for n in placeholders(mask_mod)):
         return configs.NO_MODS
     return configs.MASK_ONLY
-
-
-def _placeholders(subgraph) -> list:
-    return [n for n in subgraph.graph_module.graph.nodes if n.op == "placeholder"]
-
-
-def _gathers_tile(subgraph, first_position: int) -> bool:
-    """Whether the mod reads a captured tensor at indices built from both q_idx and kv_idx.
-
-    Args:
-        subgraph: The mod's subgraph, arguments ``(..., q_idx, kv_idx, *captured)``.
-        first_position: Where q_idx is among the arguments (3 for a score_mod,
-            2 for a mask_mod); captured tensors follow kv_idx.
-    """
-    args = _placeholders(subgraph)
-    q_idx, kv_idx = args[first_position : first_position + 2]
-    captured = set(args[first_position + 2 :])
-    reads = {}  # node -> which of q_idx, kv_idx it depends on
-    for node in subgraph.graph_module.graph.nodes:
-        inputs = node.all_input_nodes
-        reads[node] = {node} & {q_idx, kv_idx} or set().union(*(reads[a] for a in inputs))
-        if node.target not in _GATHERS or not captured & set(inputs):
-            continue
-        if set().union(*(reads[a] for a in inputs if a not in captured)) == {q_idx, kv_idx}:
-            return True
-    return False
-
-
-_GATHERS = (torch.ops.aten.index.Tensor, torch.ops.aten.gather.default, torch.ops.aten.take.default)
 
 
 def _candidate_configs(

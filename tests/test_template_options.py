@@ -200,40 +200,35 @@ def test_tma_default_follows_the_measurements(monkeypatch):
 
 def test_prescale_is_the_default_for_table_mods_on_hopper(monkeypatch):
     # Measured on the H100 in bf16 for learnable biases only (benchmarks/NOTES.md
-    # entry 13); ALiBi and softcap were slower with it. Where the lse is read
-    # (a backward, which does not prescale), only an exact (power of two) scale.
+    # entries 13 and 14); ALiBi and softcap were slower with it.
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     bf16 = torch.bfloat16
-    d128, d64 = 128**-0.5, 64**-0.5
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    rule = configs.forward_prescale_by_default
-    assert rule(bf16, cuda, True, d128, lse_is_read=False)
-    assert rule(bf16, cuda, True, d64, lse_is_read=True)
-    assert not rule(bf16, cuda, True, d128, lse_is_read=True)
-    assert not rule(bf16, cuda, False, d64, lse_is_read=False)
+    rule = configs.prescale_by_default
+    assert rule(bf16, cuda, True)
+    assert not rule(bf16, cuda, False)
     for dtype in (torch.float16, torch.float32):
-        assert not rule(dtype, cuda, True, d64, lse_is_read=False)
-    assert not rule(bf16, cpu, True, d64, lse_is_read=False)
+        assert not rule(dtype, cuda, True)
+    assert not rule(bf16, cpu, True)
     for capability in ((8, 0), (10, 0)):
         monkeypatch.setattr(
             torch.cuda, "get_device_capability", lambda device=None, c=capability: c
         )
-        assert not rule(bf16, cuda, True, d64, lse_is_read=False)
+        assert not rule(bf16, cuda, True)
 
 
 def _on_hopper_rule(monkeypatch):
-    """The prescale rule as on a Hopper GPU, here (CPU), recording its arguments."""
+    """The prescale rule as on a Hopper GPU, here (CPU), recording what it is asked."""
     calls = []
 
-    def rule(dtype, device, score_mod_gathers_table, scale, lse_is_read):
-        calls.append((score_mod_gathers_table, lse_is_read))
+    def rule(dtype, device, score_mod_gathers_table):
+        calls.append(score_mod_gathers_table)
         with monkeypatch.context() as patch:
             patch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-            return original(dtype, torch.device("cuda"), score_mod_gathers_table, scale,
-                            lse_is_read)
+            return original(dtype, torch.device("cuda"), score_mod_gathers_table)
 
-    original = configs.forward_prescale_by_default
-    monkeypatch.setattr(configs, "forward_prescale_by_default", rule)
+    original = configs.prescale_by_default
+    monkeypatch.setattr(configs, "prescale_by_default", rule)
     return calls
 
 
@@ -248,8 +243,7 @@ def _relative_bias(device, heads, max_len):
 @pytest.mark.parametrize("return_lse", [False, True], ids=["out_only", "with_lse"])
 def test_prescale_default_in_inference(device, monkeypatch, E, return_lse):
     # Off the GPU the default is off, so the Hopper rule is applied here to
-    # run the prescaled kernel in CI. Inference without the lse prescales
-    # whatever the scale; with it, only the exact scale of head dim 64.
+    # run the prescaled kernel in CI, at any scale, lse read or not.
     calls = _on_hopper_rule(monkeypatch)
     q, k, v = make_qkv(1, 2, 113, 47, E, dtype=torch.bfloat16, device=device)
     bias_mod, _ = _relative_bias(device, 2, 128)
@@ -264,9 +258,8 @@ def test_prescale_default_in_inference(device, monkeypatch, E, return_lse):
 
     with torch.no_grad():
         result = compile_and_run(attention, q, k, v)
-    assert calls == [(True, return_lse)]
-    expected = not return_lse or E == 64
-    assert constexpr(kernel_source(result, "def _inner("), "PRESCALE_QK") == str(expected)
+    assert calls == [True]
+    assert constexpr(kernel_source(result, "def _inner("), "PRESCALE_QK") == "True"
     out = result.output[0] if return_lse else result.output
     oracle = dense_oracle(q.double(), k.double(), v.double(), bias_mod, block_mask, None, False)
     lowp = lowp_attention(q, k, v, bias_mod, block_mask, None, False)
@@ -297,32 +290,7 @@ def test_prescale_default_is_off_for_other_mods_and_when_refused(device, monkeyp
         result = _forward(q, k, v, score_mod, block_mask, options)
         assert constexpr(kernel_source(result, "def _inner("), "PRESCALE_QK") == "False"
         # The rule is asked only when the option is absent.
-        assert calls == ([] if gathers is None else [(gathers, True)])
-
-
-def test_prescaled_training_matches_the_oracle(device, monkeypatch):
-    # Training reads the lse in the backward, which does not prescale: the
-    # default holds only at the exact scale of head dim 64, where the forward
-    # and the backward see the same scores. bf16, the dtype the rule is for.
-    calls = _on_hopper_rule(monkeypatch)
-    q, k, v = make_qkv(1, 2, 113, 47, 64, dtype=torch.bfloat16, device=device)
-    bias_mod, bias = _relative_bias(device, 2, 128)
-    block_mask = create_block_mask(
-        masks.causal(), None, None, 113, 47, device=device, BLOCK_SIZE=32
-    )
-    problem = Case(q, k, v, bias_mod, block_mask, params={"bias": bias})
-    grads, result = problem.compiled()
-    assert (True, True) in calls
-    assert constexpr(kernel_source(result, "def _inner("), "PRESCALE_QK") == "True"
-    problem.check(grads)
-
-
-def _max_errors(fn, inputs, grad_out, reference):
-    """max |error| of fn's output and input gradients against ``reference``'s."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    ours = [out, *torch.autograd.grad(out, leaves, grad_out.to(out.dtype))]
-    return [(a.double() - b).abs().max().item() for a, b in zip(ours, reference, strict=True)]
+        assert calls == ([] if gathers is None else [gathers])
 
 
 def _oracle_with_grads(q, k, v, score_mod, block_mask, scale, grad_out):
@@ -331,49 +299,109 @@ def _oracle_with_grads(q, k, v, score_mod, block_mask, scale, grad_out):
     return [out, *torch.autograd.grad(out, leaves, grad_out.double())]
 
 
-@pytest.mark.parametrize("score_mod_name", ["none", "relative_bias"])
-def test_explicit_prescale_in_training_recomputes_the_forward_scores(device, score_mod_name):
-    # PRESCALE_QK=True at head dim 40, whose scale 40**-0.5 rounding to bf16
+# How one training call runs, for the prescale tests: (kernel_options, the
+# BlockMask's block size, the query length). Every path must recompute in the
+# backward the scores the forward's lse came from.
+_TRAINING_PATHS = {
+    # The three templates.
+    "templates": ({}, 32, 113),
+    # The forward template, then the dense backward (captured-tensor
+    # gradients in deterministic mode).
+    "dense_backward": ({"DETERMINISTIC": True}, 32, 113),
+    # Both dense: blocks of 8 rows, which no tile steps.
+    "dense_both": ({}, 8, 113),
+    # The decode forward (4 query rows), which never prescales, then the
+    # backward templates, which then must not either.
+    "decode": ({}, 32, 4),
+}
+
+
+def _training_run(q, k, v, score_mod, block_mask, options, grad_out):
+    """Compiled forward+backward: ``([out, dq, dk, dv], CompileResult)``."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+
+    def attention(q, k, v):
+        return flex_attention(
+            q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=options
+        )
+
+    result = compile_and_run(attention, *leaves, grad_outputs=grad_out.to(q.dtype))
+    torch._dynamo.reset()
+    return [result.output, *(t.grad for t in leaves)], result
+
+
+@pytest.mark.parametrize(
+    "path, score_mod_name, how",
+    [
+        ("templates", "none", "explicit"),
+        ("templates", "relative_bias", "explicit"),
+        ("templates", "relative_bias", "default"),
+        ("dense_backward", "relative_bias", "default"),
+        ("dense_both", "relative_bias", "explicit"),
+        ("decode", "relative_bias", "explicit"),
+    ],
+)
+def test_prescaled_training_recomputes_the_forward_scores(
+    device, monkeypatch, path, score_mod_name, how
+):
+    # Prescaling at head dim 40, whose scale 40**-0.5 rounding to bf16
     # changes: the backward must recompute the scores from q scaled and
     # rounded as the forward did, or its probabilities do not match the saved
     # lse. The prescaled call is compared with the float64 oracle of the
     # function it computes (q rounded after scaling, scale 1, dq times the
-    # scale); its errors must stay near the default kernel's against the
-    # plain oracle. A backward that does not prescale failed this on dq at
-    # 1.6x and 2.3x the default's error (q * 4 makes the scores large).
-    E = 40
-    q, k, v = make_qkv(1, 2, 113, 47, E, dtype=torch.bfloat16, device=device)
+    # scale); its errors must stay near those of the same path without the
+    # prescale against the plain oracle. A backward that did not prescale
+    # failed this on dq at 1.6x and 2.3x the plain error (q * 4 makes the
+    # scores large). "default" asks the Hopper rule instead of the option.
+    path_options, block_size, L = _TRAINING_PATHS[path]
+    E, S = 40, 47
+    if how == "default":
+        _on_hopper_rule(monkeypatch)
+    q, k, v = make_qkv(1, 2, L, S, E, dtype=torch.bfloat16, device=device)
     q = (q.float() * 4).to(torch.bfloat16)
-    grad_out = torch.randn(1, 2, 113, E, generator=torch.Generator().manual_seed(7)).to(device)
+    grad_out = torch.randn(1, 2, L, E, generator=torch.Generator().manual_seed(7)).to(device)
     score_mod = None
     if score_mod_name == "relative_bias":
         score_mod, _ = _relative_bias(device, 2, 128)
     block_mask = create_block_mask(
-        masks.causal(), None, None, 113, 47, device=device, BLOCK_SIZE=32
+        masks.causal(), None, None, L, S, device=device, BLOCK_SIZE=block_size
     )
     scale = E**-0.5
-    errors = {}
-    for prescale in (False, True):
-        options = {"PRESCALE_QK": prescale}
-
-        def attention(q, k, v, options=options):
-            return flex_attention(
-                q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=options
-            )
-
-        fn = torch.compile(attention, fullgraph=True)
-        if prescale:
-            scaled_q = (q.float() * scale).to(torch.bfloat16)
-            reference = _oracle_with_grads(
-                scaled_q, k, v, score_mod, block_mask, 1.0, grad_out
-            )
-            reference[1] = reference[1] * scale
-        else:
-            reference = _oracle_with_grads(q, k, v, score_mod, block_mask, None, grad_out)
-        errors[prescale] = _max_errors(fn, (q, k, v), grad_out, reference)
-        torch._dynamo.reset()
-    for name, plain, prescaled in zip(("out", "dq", "dk", "dv"), *errors.values(), strict=True):
-        assert prescaled <= 1.5 * plain + 1e-3, (name, prescaled, plain)
+    plain_ref = _oracle_with_grads(q, k, v, score_mod, block_mask, None, grad_out)
+    plain, _ = _training_run(
+        q, k, v, score_mod, block_mask, {**path_options, "PRESCALE_QK": False}, grad_out
+    )
+    prescale_options = dict(path_options) if how == "default" else {
+        **path_options, "PRESCALE_QK": True
+    }
+    ours, result = _training_run(q, k, v, score_mod, block_mask, prescale_options, grad_out)
+    code = result.source
+    if path == "decode":
+        # Nothing prescales: the plain function, within the plain run's error.
+        reference = plain_ref
+        assert constexpr(kernel_source(result, "def _dkdv_inner("), "PRESCALE_QK") == "False"
+        assert "def _decode_inner(" in code
+    else:
+        reference = _oracle_with_grads(
+            (q.float() * scale).to(torch.bfloat16), k, v, score_mod, block_mask, 1.0, grad_out
+        )
+        reference[1] = reference[1] * scale
+    if path in ("templates", "dense_backward"):
+        assert constexpr(kernel_source(result, "def _inner("), "PRESCALE_QK") == "True"
+    if path == "templates":
+        for marker in ("def _dkdv_inner(", "def _dq_inner("):
+            assert constexpr(kernel_source(result, marker), "PRESCALE_QK") == "True", marker
+    if path in ("dense_backward", "dense_both"):
+        assert "flex_inductor.dense_attention_backward." in code
+    if path == "dense_both":
+        assert "flex_inductor.dense_attention." in code
+    names = ("out", "dq", "dk", "dv")
+    for name, base, base_ref, mine, ref in zip(
+        names, plain, plain_ref, ours, reference, strict=True
+    ):
+        plain_error = (base.double() - base_ref).abs().max().item()
+        error = (mine.double() - ref).abs().max().item()
+        assert error <= 1.5 * plain_error + 1e-3, (name, error, plain_error)
 
 
 def test_explicit_prescale_reaches_both_backward_kernels(device):
