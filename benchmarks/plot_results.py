@@ -31,8 +31,13 @@ IMPL_STYLE = {
 
 
 def sweep_rows(rows, tokens: int, heads: int, head_dim: int):
-    """The rows of the sequence-length sweep family, with a time."""
-    return [
+    """The rows of the sequence-length sweep family, with a time.
+
+    A variant measured at one length only is left out: the grid's B4 H16
+    S8192 D128 shape is also a sweep shape, and its other variants would
+    each make a panel of one point.
+    """
+    family = [
         r
         for r in rows
         if r.tflops is not None
@@ -41,6 +46,10 @@ def sweep_rows(rows, tokens: int, heads: int, head_dim: int):
         and r.D == head_dim
         and r.B == max(1, tokens // r.S)
     ]
+    lengths = {}
+    for r in family:
+        lengths.setdefault(r.variant, set()).add(r.S)
+    return [r for r in family if len(lengths[r.variant]) > 1]
 
 
 def _length_label(n: int) -> str:
