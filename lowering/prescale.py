@@ -79,8 +79,11 @@ def prescale_q(options: dict, query, key, score_mod, block_mask, block_sizes) ->
 def scaled(node, factor: float):
     """``node * factor`` multiplied in float32 and rounded to the node's dtype.
 
-    How the templates prescale q, for the dense kernels to do the same.
+    How the templates prescale q, for the dense kernels to do the same
+    (float64, which only the dense kernels take, multiplies in float64).
     """
+    dtype = node.get_dtype()
     to_dtype = _ind.lowerings[torch.ops.prims.convert_element_type.default]
-    product = _ind.lowerings[torch.ops.aten.mul.Tensor](to_dtype(node, torch.float32), factor)
-    return to_dtype(product, node.get_dtype())
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    product = _ind.lowerings[torch.ops.aten.mul.Tensor](to_dtype(node, wide), factor)
+    return to_dtype(product, dtype)

@@ -405,6 +405,24 @@ def test_prescaled_training_recomputes_the_forward_scores(
         assert error <= 1.5 * plain_error + 1e-3, (name, error, plain_error)
 
 
+def test_explicit_prescale_keeps_float64_precision(device):
+    # float64 runs the dense kernels; their prescale multiplies in float64,
+    # so the result stays at float64 accuracy (a float32 multiply would put
+    # errors near 1e-7 into q).
+    E = 40
+    q, k, v = make_qkv(1, 2, 17, 33, E, dtype=torch.float64, device=device)
+    grad_out = torch.randn(1, 2, 17, E, generator=torch.Generator().manual_seed(7)).to(device)
+    bias_mod, _ = _relative_bias(device, 2, 64)
+    block_mask = create_block_mask(masks.causal(), None, None, 17, 33, device=device)
+    ours, result = _training_run(
+        q, k, v, bias_mod, block_mask, {"PRESCALE_QK": True}, grad_out.double()
+    )
+    assert "flex_inductor.dense_attention_backward." in result.source
+    reference = _oracle_with_grads(q, k, v, bias_mod, block_mask, None, grad_out)
+    for name, mine, ref in zip(("out", "dq", "dk", "dv"), ours, reference, strict=True):
+        assert (mine - ref).abs().max().item() < 1e-12, name
+
+
 def test_explicit_prescale_reaches_both_backward_kernels(device):
     q, k, v = make_qkv(1, 2, 40, 40, 40, dtype=torch.bfloat16, device=device)
     bias_mod, bias = _relative_bias(device, 2, 64)
