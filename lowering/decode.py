@@ -17,6 +17,7 @@ from flex_inductor import _compat
 
 from .common import (
     declare_subgraph_symbols,
+    device_can_use_templates,
     fixed_inputs,
     fixed_mod_buffers,
     float32_precision,
@@ -42,6 +43,17 @@ _ind = _compat.inductor_api()
 DECODE_MAX_QUERY_LEN = 16
 # Packed rows (GQA group x query length) a decode program holds at most.
 _MAX_ROWS = 128
+
+
+def forward_decodes(query, key, block_mask, block_sizes, kernel_options) -> bool:
+    """Whether the forward lowering routes this call to the decode template.
+
+    The one statement of that route, also asked by ``prescale.prescale_q``:
+    the backward must know whether its forward decoded.
+    """
+    return device_can_use_templates(query) and decode_eligible(
+        query, key, block_mask, block_sizes, kernel_options
+    )
 
 
 def decode_eligible(query, key, block_mask, block_sizes, kernel_options) -> bool:

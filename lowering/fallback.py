@@ -14,6 +14,7 @@ import torch
 from flex_inductor import _compat
 from flex_inductor._dense_op import encode_graph
 
+from .common import static_float
 from .prescale import prescale_q, scaled
 
 log = logging.getLogger("flex_inductor")
@@ -31,7 +32,7 @@ def dense_forward_fallback(
     )
     if prescale_q(kernel_options, query, key, score_mod, block_mask, block_sizes):
         # The scores the backward will recompute: q scaled once and rounded.
-        query, scale = scaled(query, float(scale)), 1.0
+        query, scale = scaled(query, static_float(scale)), 1.0
     handler = _ind.fallback_handler(
         torch.ops.flex_inductor.dense_attention.default, add_to_fallback_set=False
     )
@@ -55,7 +56,7 @@ def dense_backward_fallback(
     # The forward's lse came from q scaled once (and rounded) when it
     # prescaled: recompute those scores, then dq = scale * d(scaled q).
     prescale = prescale_q(kernel_options, query, key, fw_graph, block_mask, block_sizes)
-    q_scale = float(scale)
+    q_scale = static_float(scale)
     handler = _ind.fallback_handler(
         torch.ops.flex_inductor.dense_attention_backward.default, add_to_fallback_set=False
     )

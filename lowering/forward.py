@@ -46,7 +46,7 @@ from .common import (
     static_int,
     use_tma,
 )
-from .decode import decode_eligible, lower_decode
+from .decode import forward_decodes, lower_decode
 from .prescale import gathers_tile, placeholders, prescale_q
 from .templates import forward_template
 
@@ -65,10 +65,10 @@ def lower_forward(
         query, key, value, score_mod, mask_mod, block_mask, block_sizes, scale,
         kernel_options, score_mod_buffers, mask_mod_buffers,
     )
+    if forward_decodes(query, key, block_mask, block_sizes, kernel_options):
+        return lower_decode(*fallback_args)
     if not device_can_use_templates(query):
         return dense_forward_fallback(*fallback_args)
-    if decode_eligible(query, key, block_mask, block_sizes, kernel_options):
-        return lower_decode(*fallback_args)
     ir = _ind.ir
     _compat.tag_kernel_name("flex_inductor_fwd")
     device = query.get_device()

@@ -14,8 +14,7 @@ import torch
 from flex_inductor import _compat
 
 from . import configs
-from .common import device_can_use_templates
-from .decode import decode_eligible
+from .decode import forward_decodes
 
 _ind = _compat.inductor_api()
 
@@ -63,9 +62,7 @@ def prescale_q(options: dict, query, key, score_mod, block_mask, block_sizes) ->
         block_mask: The BlockMask's tensors.
         block_sizes: The BlockMask's static sizes.
     """
-    if device_can_use_templates(query) and decode_eligible(
-        query, key, block_mask, block_sizes, options
-    ):
+    if forward_decodes(query, key, block_mask, block_sizes, options):
         # The decode template never prescales.
         return False
     explicit = options.get("PRESCALE_QK")
@@ -77,7 +74,7 @@ def prescale_q(options: dict, query, key, score_mod, block_mask, block_sizes) ->
 
 
 def scaled(node, factor: float):
-    """``node * factor`` multiplied in float32 and rounded to the node's dtype.
+    """``node * factor`` multiplied in float32 (float64 for float64) and rounded to its dtype.
 
     How the templates prescale q, for the dense kernels to do the same
     (float64, which only the dense kernels take, multiplies in float64).

@@ -360,7 +360,9 @@ def test_prescaled_training_recomputes_the_forward_scores(
         _on_hopper_rule(monkeypatch)
     q, k, v = make_qkv(1, 2, L, S, E, dtype=torch.bfloat16, device=device)
     q = (q.float() * 4).to(torch.bfloat16)
-    grad_out = torch.randn(1, 2, L, E, generator=torch.Generator().manual_seed(7)).to(device)
+    # Rounded to bf16 once, so that the kernels and the oracles see the same dO.
+    grad_out = torch.randn(1, 2, L, E, generator=torch.Generator().manual_seed(7))
+    grad_out = grad_out.to(torch.bfloat16).float().to(device)
     score_mod = None
     if score_mod_name == "relative_bias":
         score_mod, _ = _relative_bias(device, 2, 128)
