@@ -378,17 +378,21 @@ def is_identity_score_mod(subgraph) -> bool:
     Templates then skip the mod and fold the softmax scale into the single
     exp2 factor: one multiply-add per score instead of three operations.
     """
-    graph = subgraph.graph_module.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    outputs = [n for n in graph.nodes if n.op == "output"]
-    if not placeholders or len(outputs) != 1:
+    inputs = placeholders(subgraph)
+    outputs = [n for n in subgraph.graph_module.graph.nodes if n.op == "output"]
+    if not inputs or len(outputs) != 1:
         return False
     result = outputs[0].args[0]
     if isinstance(result, (tuple, list)):
         if len(result) != 1:
             return False
         result = result[0]
-    return result is placeholders[0]
+    return result is inputs[0]
+
+
+def placeholders(subgraph) -> list:
+    """The subgraph's inputs, in order."""
+    return [n for n in subgraph.graph_module.graph.nodes if n.op == "placeholder"]
 
 
 def exp2_factor(scale: float, fold_scale: bool) -> float:

@@ -39,6 +39,7 @@ from .common import (
     is_symbolic_scalar,
     lower_mods_or_warn,
     output_is_used,
+    placeholders,
     rounded_head_dim,
     sizes_are_static_multiple,
     sm_count,
@@ -47,7 +48,7 @@ from .common import (
     use_tma,
 )
 from .decode import forward_decodes, lower_decode
-from .prescale import gathers_tile, placeholders, prescale_q
+from .prescale import gathers_tile, prescale_q
 from .templates import forward_template
 
 log = logging.getLogger("flex_inductor")

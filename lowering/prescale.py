@@ -14,16 +14,12 @@ import torch
 from flex_inductor import _compat
 
 from . import configs
+from .common import placeholders
 from .decode import forward_decodes
 
 _ind = _compat.inductor_api()
 
 _GATHERS = (torch.ops.aten.index.Tensor, torch.ops.aten.gather.default, torch.ops.aten.take.default)
-
-
-def placeholders(subgraph) -> list:
-    """The subgraph's inputs, in order."""
-    return [n for n in subgraph.graph_module.graph.nodes if n.op == "placeholder"]
 
 
 def gathers_tile(subgraph, first_position: int) -> bool:

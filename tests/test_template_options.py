@@ -423,15 +423,3 @@ def test_explicit_prescale_keeps_float64_precision(device):
     reference = _oracle_with_grads(q, k, v, bias_mod, block_mask, None, grad_out)
     for name, mine, ref in zip(("out", "dq", "dk", "dv"), ours, reference, strict=True):
         assert (mine - ref).abs().max().item() < 1e-12, name
-
-
-def test_explicit_prescale_reaches_both_backward_kernels(device):
-    q, k, v = make_qkv(1, 2, 40, 40, 40, dtype=torch.bfloat16, device=device)
-    bias_mod, bias = _relative_bias(device, 2, 64)
-    problem = Case(
-        q, k, v, bias_mod, None, params={"bias": bias}, kernel_options={"PRESCALE_QK": True}
-    )
-    grads, result = problem.compiled()
-    for marker in ("def _inner(", "def _dkdv_inner(", "def _dq_inner("):
-        assert constexpr(kernel_source(result, marker), "PRESCALE_QK") == "True", marker
-    problem.check(grads)
