@@ -731,7 +731,7 @@ def test_hopper_default_configs_depend_on_score_mod_kind(monkeypatch):
     assert pick(64, configs.POINTWISE) == configs.Config(128, 128, 4, 3)
     assert pick(64, configs.POSITIONAL) == configs.Config(128, 64, 4, 3)
     assert pick(64, configs.TABLE) == configs.Config(128, 64, 4, 1)
-    assert pick(128, configs.POINTWISE) == configs.Config(128, 128, 8, 3)
+    assert pick(128, configs.POINTWISE) == configs.Config(64, 64, 4, 3)  # entry 15
     assert pick(128, configs.POSITIONAL) == configs.Config(128, 128, 8, 3)
     assert pick(128, configs.NO_MODS) == configs.Config(128, 64, 4, 2)
     assert pick(128, configs.MASK_ONLY) == configs.Config(128, 64, 4, 2)
