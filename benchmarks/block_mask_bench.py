@@ -15,6 +15,7 @@ and date.
     python benchmarks/block_mask_bench.py --device cuda  # 8k, 32k, 128k and 1M tokens
     python benchmarks/block_mask_bench.py --device cuda --lengths 8192 32768
     python benchmarks/block_mask_bench.py --mask causal sliding_window --no-torch
+    python benchmarks/block_mask_bench.py --device cuda --index-dtypes int32,int16
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import functools
 import itertools
 import multiprocessing
 import resource
@@ -61,6 +63,12 @@ class Config:
     seed: int = 0
     warmup_max_len: int = 131072  # full-size warm-up run up to this length
     case_budget: float = 60.0  # seconds of timed runs after which no new run starts
+    index_dtype: str = "int32"  # flex_inductor's index_dtype ("int32" or "int16")
+
+    @property
+    def label(self) -> str:
+        """The impl, with a non-default index dtype."""
+        return self.impl if self.index_dtype == "int32" else f"{self.impl} ({self.index_dtype})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +129,9 @@ def _run_case(config: Config, queue) -> None:
     if config.impl == "torch":
         from torch.nn.attention.flex_attention import create_block_mask
     else:
-        from flex_inductor.block_mask import create_block_mask
+        from flex_inductor.block_mask import create_block_mask as ours
+
+        create_block_mask = functools.partial(ours, index_dtype=getattr(torch, config.index_dtype))
 
     mask_mod = make_mask(config.mask, config.seq_len, config.seed, config.device)
     # Warm up the machinery (vmap, kernels, allocator) outside the timing: on a
@@ -206,7 +216,9 @@ def _fmt(x: float | None, spec: str) -> str:
 def markdown_table(results: list[Result]) -> str:
     """GitHub-style table; the ratio column is torch time / our time."""
     ours = {
-        (r.config.mask, r.config.seq_len): r for r in results if r.config.impl == "flex_inductor"
+        (r.config.mask, r.config.seq_len): r
+        for r in results
+        if r.config.impl == "flex_inductor" and r.config.index_dtype == "int32"
     }
     rows = [
         "| impl | mask | seq_len | device | threads | median time (s) | runs "
@@ -220,7 +232,7 @@ def markdown_table(results: list[Result]) -> str:
         if r.config.impl == "torch" and r.seconds and base and base.seconds:
             ratio = r.seconds / base.seconds
         rows.append(
-            f"| {r.config.impl} | {r.config.mask} | {r.config.seq_len} | {r.config.device} "
+            f"| {r.config.label} | {r.config.mask} | {r.config.seq_len} | {r.config.device} "
             f"| {r.config.threads or torch_threads()} "
             f"| {_fmt(r.seconds, '.3f')} | {r.runs} | {_fmt(r.peak_rss_delta_mib, '.0f')} "
             f"| {_fmt(r.peak_device_mib, '.0f')} "
@@ -259,7 +271,7 @@ def write_csv(path: str, results: list[Result]) -> None:
         for r in results:
             writer.writerow(
                 [
-                    r.config.impl,
+                    r.config.label,
                     r.config.mask,
                     r.config.seq_len,
                     r.config.device,
@@ -298,14 +310,20 @@ def main() -> None:
         "--torch-max-len", type=int, help="longest length to run torch's at (default by device)"
     )
     parser.add_argument("--csv", help="also write the results to this CSV file")
+    parser.add_argument(
+        "--index-dtypes",
+        default="int32",
+        help="comma list of our create_block_mask's index_dtype to time (int32, int16)",
+    )
     args = parser.parse_args()
 
-    impls = ["flex_inductor"] if args.no_torch else ["flex_inductor", "torch"]
+    ours = [("flex_inductor", d) for d in args.index_dtypes.split(",")]
+    impls = ours if args.no_torch else [*ours, ("torch", "int32")]
     kind = "cpu" if args.device == "cpu" else "cuda"
     lengths = args.lengths or DEFAULT_LENGTHS[kind]
     warmup_max_len = args.warmup_max_len or WARMUP_MAX_LEN[kind]
     results = []
-    for mask, seq_len, impl in itertools.product(args.mask, lengths, impls):
+    for mask, seq_len, (impl, index_dtype) in itertools.product(args.mask, lengths, impls):
         config = Config(
             impl,
             seq_len,
@@ -317,9 +335,10 @@ def main() -> None:
             repeats=args.repeats,
             warmup_max_len=warmup_max_len,
             case_budget=args.case_budget,
+            index_dtype=index_dtype,
         )
         result = run(config)
-        print(f"{impl} {mask} {seq_len}: {result.seconds} s", file=sys.stderr, flush=True)
+        print(f"{config.label} {mask} {seq_len}: {result.seconds} s", file=sys.stderr, flush=True)
         results.append(result)
     print(markdown_table(results))
     if args.csv:

@@ -44,13 +44,35 @@ def _pair(block_size: int | tuple[int, int]) -> tuple[int, int]:
     return (q, kv)
 
 
+# Block index dtypes the kernels read. int16 halves the layout's memory (the
+# four index tensors of a 1M-token mask are 1 GiB in int32) and holds block
+# indices and counts up to 32767.
+INDEX_DTYPES = (torch.int32, torch.int16)
+
+
+def _check_index_dtype(index_dtype: Any, num_blocks: tuple[int, int]) -> torch.dtype:
+    """``index_dtype`` if it is one of ``INDEX_DTYPES`` and holds every block index."""
+    if index_dtype not in INDEX_DTYPES:
+        raise TypeError(f"`index_dtype` must be torch.int32 or torch.int16, got {index_dtype!r}")
+    limit = torch.iinfo(index_dtype).max
+    if max(num_blocks) > limit:
+        raise ValueError(
+            f"`index_dtype` {index_dtype} holds block indices and counts up to {limit}, but "
+            f"the layout has (nq, nkv) = {tuple(num_blocks)} blocks; use torch.int32 or "
+            "larger blocks"
+        )
+    return index_dtype
+
+
 # Entries ranked at once by _dense_to_ordered: with its int64 temporaries
 # (about 22 bytes an entry) a chunk costs about 90 MiB, whatever the size of
 # the layout (a full 1M-token layout is 67M entries, 16 chunks).
 _ORDER_CHUNK_ENTRIES = 1 << 22
 
 
-def _dense_to_ordered(dense: Tensor, value: int | None = None) -> tuple[Tensor, Tensor]:
+def _dense_to_ordered(
+    dense: Tensor, value: int | None = None, dtype: torch.dtype = torch.int32
+) -> tuple[Tensor, Tensor]:
     """(count, indices) of the selected entries of each row, ascending.
 
     The indices of the other entries follow, also ascending, so the padding
@@ -60,10 +82,10 @@ def _dense_to_ordered(dense: Tensor, value: int | None = None) -> tuple[Tensor, 
         dense: ``(..., rows, cols)``. Leading dimensions that are stride-0
             expansions are computed once.
         value: Entries equal to it are selected; None selects the nonzero ones.
+        dtype: Of the counts and indices (one of ``INDEX_DTYPES``).
 
     Returns:
-        int32 counts ``(..., rows)`` and int32 indices ``(..., rows, cols)``,
-        both contiguous.
+        Counts ``(..., rows)`` and indices ``(..., rows, cols)``, both contiguous.
     """
     shape = dense.shape
     for dim in range(dense.dim() - 2):
@@ -71,8 +93,8 @@ def _dense_to_ordered(dense: Tensor, value: int | None = None) -> tuple[Tensor, 
             dense = dense.narrow(dim, 0, 1)
     rows, cols = dense.shape[-2:]
     mats = dense.reshape(-1, rows, cols)
-    num = torch.empty(mats.shape[:-1], dtype=torch.int32, device=dense.device)
-    indices = torch.empty(mats.shape, dtype=torch.int32, device=dense.device)
+    num = torch.empty(mats.shape[:-1], dtype=dtype, device=dense.device)
+    indices = torch.empty(mats.shape, dtype=dtype, device=dense.device)
     col_ids = torch.arange(cols, device=dense.device)
     for mat_rows in _row_chunks(*mats.shape):
         _rank_rows(mats[mat_rows], value, col_ids, num[mat_rows], indices[mat_rows])
@@ -112,7 +134,7 @@ def _rank_rows(x: Tensor, value: int | None, col_ids: Tensor, num: Tensor, out: 
     # An other entry follows all selected ones and the other entries before it.
     others = torch.sub(col_ids, ranks).add_(count - 1)
     torch.where(selected, ranks, others, out=ranks)
-    out.scatter_(-1, ranks, col_ids.to(torch.int32).expand(ranks.shape))
+    out.scatter_(-1, ranks, col_ids.to(out.dtype).expand(ranks.shape))
 
 
 def _ordered_to_dense(num: Tensor, indices: Tensor, num_cols: int) -> Tensor:
@@ -241,7 +263,12 @@ class BlockMask:
     @staticmethod
     def _transpose(num: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
         dense = _ordered_to_dense(num, indices, indices.shape[-1])
-        return _dense_to_ordered(dense.transpose(-2, -1))
+        return _dense_to_ordered(dense.transpose(-2, -1), dtype=indices.dtype)
+
+    @property
+    def index_dtype(self) -> torch.dtype:
+        """The dtype of the block counts and indices: torch.int32 or torch.int16."""
+        return self.kv_indices.dtype
 
     # ------------------------------------------------------------------
     # Construction
@@ -257,6 +284,8 @@ class BlockMask:
         BLOCK_SIZE: int | tuple[int, int] = _DEFAULT_BLOCK_SIZE,
         mask_mod: MaskMod | None = None,
         seq_lengths: tuple[int, int] | None = None,
+        *,
+        index_dtype: torch.dtype = torch.int32,
     ) -> BlockMask:
         """Builds a BlockMask from the kv view; the transposed view is computed.
 
@@ -270,12 +299,17 @@ class BlockMask:
             mask_mod: Applied inside partial blocks; ``noop_mask`` if None.
             seq_lengths: (Q_LEN, KV_LEN); defaults to (nq * Q_BLOCK_SIZE,
                 nkv * KV_BLOCK_SIZE).
+            index_dtype: Of the stored counts and indices: torch.int32 (as
+                torch's BlockMask), or torch.int16 for half the memory when
+                both block counts are at most 32767.
 
         Returns:
-            The BlockMask, with int32 contiguous index tensors.
+            The BlockMask, with contiguous index tensors of ``index_dtype``.
 
         Raises:
-            ValueError: On inconsistent shapes or a lone full_kv_* tensor.
+            TypeError: If ``index_dtype`` is not torch.int32 or torch.int16.
+            ValueError: On inconsistent shapes, a lone full_kv_* tensor, or
+                more blocks than ``index_dtype`` holds.
         """
         if (full_kv_num_blocks is None) != (full_kv_indices is None):
             raise ValueError("full_kv_num_blocks and full_kv_indices must be given together")
@@ -290,15 +324,17 @@ class BlockMask:
                 kv_indices.shape[-1] * block_size[1],
             )
 
-        def as_int32(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(torch.int32).contiguous()
+        _check_index_dtype(index_dtype, kv_indices.shape[-2:])
+
+        def stored(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(index_dtype).contiguous()
 
         return cls(
             seq_lengths,
-            as_int32(kv_num_blocks),
-            as_int32(kv_indices),
-            as_int32(full_kv_num_blocks),
-            as_int32(full_kv_indices),
+            stored(kv_num_blocks),
+            stored(kv_indices),
+            stored(full_kv_num_blocks),
+            stored(full_kv_indices),
             BLOCK_SIZE=block_size,
             mask_mod=mask_mod,
         )
@@ -310,6 +346,7 @@ class BlockMask:
         seq_lengths: tuple[int, int],
         block_size: tuple[int, int],
         mask_mod: MaskMod,
+        index_dtype: torch.dtype = torch.int32,
     ) -> BlockMask:
         """From a ``(B, H, nq, nkv)`` int8 map of 0 empty / 1 partial / 2 full.
 
@@ -319,10 +356,10 @@ class BlockMask:
         by_kv = states.transpose(-2, -1)
         return cls(
             seq_lengths,
-            *_dense_to_ordered(states, _PARTIAL),
-            *_dense_to_ordered(states, _FULL),
-            *_dense_to_ordered(by_kv, _PARTIAL),
-            *_dense_to_ordered(by_kv, _FULL),
+            *_dense_to_ordered(states, _PARTIAL, index_dtype),
+            *_dense_to_ordered(states, _FULL, index_dtype),
+            *_dense_to_ordered(by_kv, _PARTIAL, index_dtype),
+            *_dense_to_ordered(by_kv, _FULL, index_dtype),
             BLOCK_SIZE=block_size,
             mask_mod=mask_mod,
         )
@@ -640,6 +677,7 @@ def create_block_mask(
     BLOCK_SIZE: int | tuple[int, int] = _DEFAULT_BLOCK_SIZE,
     _compile: bool = False,
     *,
+    index_dtype: torch.dtype = torch.int32,
     _chunk_elements: int | None = None,
 ) -> BlockMask:
     """Builds the BlockMask of ``mask_mod``, mostly from bounds over whole blocks.
@@ -670,6 +708,11 @@ def create_block_mask(
         BLOCK_SIZE: int or (Q_BLOCK_SIZE, KV_BLOCK_SIZE).
         _compile: Accepted for compatibility with torch and ignored: chunked
             eager evaluation is already bounded in memory.
+        index_dtype: Of the stored block counts and indices. torch.int32 (the
+            default, as torch's BlockMask) or torch.int16, which halves the
+            layout's memory (a 1M-token mask at block 128: 0.5 GiB instead
+            of 1 GiB) and needs both block counts to be at most 32767
+            (4M tokens at block 128). The kernels read either.
         _chunk_elements: Most positions evaluated (or blocks bounded) at once;
             None for the defaults (4M blocks bounded, 16M positions of
             undecided blocks, and for the dense evaluation 32M positions on
@@ -680,8 +723,9 @@ def create_block_mask(
 
     Raises:
         TypeError: If ``mask_mod`` does not take 4 arguments or does not return
-            a bool tensor.
-        ValueError: If a length or block size is not positive.
+            a bool tensor, or ``index_dtype`` is not torch.int32 or torch.int16.
+        ValueError: If a length or block size is not positive, or the layout
+            has more blocks than ``index_dtype`` holds.
 
     Example:
         >>> causal = lambda b, h, q_idx, kv_idx: q_idx >= kv_idx
@@ -694,13 +738,15 @@ def create_block_mask(
     block_size = _pair(BLOCK_SIZE)
     if min(block_size) < 1:
         raise ValueError(f"BLOCK_SIZE must be positive, got {BLOCK_SIZE}")
+    num_blocks = (-(-Q_LEN // block_size[0]), -(-KV_LEN // block_size[1]))
+    _check_index_dtype(index_dtype, num_blocks)
     device = _default_device(device)
     B, H = _batch_heads(B, H)
     _mask_utils.probe(mask_mod, device)
     states = _block_eval.evaluate_block_states(
         mask_mod, (B, H, Q_LEN, KV_LEN), block_size, device, _chunk_elements
     )
-    return BlockMask._from_states(states, (Q_LEN, KV_LEN), block_size, mask_mod)
+    return BlockMask._from_states(states, (Q_LEN, KV_LEN), block_size, mask_mod, index_dtype)
 
 
 def create_mask(

@@ -263,7 +263,7 @@ def tma_compatible(*nodes) -> bool:
 def block_mask_input_gen_fns(input_nodes, first_index: int, kv_len, kv_block: int) -> dict:
     """Autotuning inputs for the four BlockMask tensors at ``first_index`` of ``input_nodes``.
 
-    Random int32 data would index far outside K and V; benchmark instead with
+    Random index data would index far outside K and V; benchmark instead with
     a mask whose every row visits every kv block. The autotuner keeps one
     example per buffer name and passes that buffer. Two cases share a name:
     one tensor in two roles of the same kind (the backward reads the saved
@@ -283,14 +283,16 @@ def block_mask_input_gen_fns(input_nodes, first_index: int, kv_len, kv_block: in
 
     def contents(node, role):
         sizes = [_compat.size_hint(s) for s in node.get_size()]
+        # The node's dtype: the BlockMask's index_dtype, int32 or int16.
+        dtype = node.get_dtype()
         if role == "num":
-            return torch.full(sizes, n_kv, dtype=torch.int32, device=node.get_device())
-        row = torch.arange(sizes[-1], dtype=torch.int32, device=node.get_device())
+            return torch.full(sizes, n_kv, dtype=dtype, device=node.get_device())
+        row = torch.arange(sizes[-1], dtype=dtype, device=node.get_device())
         return row.expand(sizes).contiguous()
 
     def counts(node):
         numel = max(_compat.required_storage_length(*_hinted_layout(n)) for n in nodes.values())
-        return torch.arange(numel, dtype=torch.int32, device=node.get_device())
+        return torch.arange(numel, dtype=node.get_dtype(), device=node.get_device())
 
     fns = {}
     for i, role in roles.items():

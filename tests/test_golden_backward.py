@@ -185,7 +185,7 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
             DO_src = DO_base
 
         if HAS_PARTIAL_BLOCKS:  # none without a BlockMask (see the forward)
-            q_num = tl.load(Q_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_n * stride_nn)
+            q_num = tl.load(Q_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_n * stride_nn).to(tl.int32)
             q_row = Q_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_n * stride_in
             dk, dv = _dkdv_inner(
                 arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, arg_DO, arg_DV, arg_Q_NUM_BLKS, arg_Q_IDX, arg_FULL_Q_NUM_BLKS, arg_FULL_Q_IDX, in_ptr11, in_ptr12, out_ptr0,
@@ -195,7 +195,7 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
                 IS_FULL_BLOCKS=False,
             )
         if HAS_FULL_BLOCKS:
-            q_num = tl.load(FULL_Q_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_n * stride_fnn)
+            q_num = tl.load(FULL_Q_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_n * stride_fnn).to(tl.int32)
             q_row = FULL_Q_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_n * stride_fin
             dk, dv = _dkdv_inner(
                 arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, arg_DO, arg_DV, arg_Q_NUM_BLKS, arg_Q_IDX, arg_FULL_Q_NUM_BLKS, arg_FULL_Q_IDX, in_ptr11, in_ptr12, out_ptr0,
@@ -256,8 +256,9 @@ def _dkdv_inner(
     kv_idx = tl.minimum(offs_n, KV_LEN - 1)[:, None]
     num_steps = q_num * Q_STEPS
     # start_m is loop-carried and the next block index is loaded one step
-    # ahead, so that loads never wait on an index load (see the forward).
-    start_m = tl.load(q_row) * SPARSE_Q_BLOCK_SIZE
+    # ahead, so that loads never wait on an index load, and int16 indices
+    # are widened (see the forward).
+    start_m = tl.load(q_row).to(tl.int32) * SPARSE_Q_BLOCK_SIZE
     for step in range(0, num_steps):
         offs_m = start_m + tl.arange(0, BLOCK_M1)
         row_ok = offs_m < Q_LEN
@@ -347,7 +348,7 @@ def _dkdv_inner(
         dk = tl.dot(grad_scores.to(q.dtype), q, dk, input_precision=FLOAT32_PRECISION)
 
         next_step = step + 1
-        next_block = tl.load(q_row + (next_step // Q_STEPS) * stride_row, mask=next_step < num_steps, other=0)
+        next_block = tl.load(q_row + (next_step // Q_STEPS) * stride_row, mask=next_step < num_steps, other=0).to(tl.int32)
         # A select, not a branch: control flow in the loop would stop pipelining.
         start_m = tl.where(next_step % Q_STEPS == 0, next_block * SPARSE_Q_BLOCK_SIZE, start_m + BLOCK_M1)
     return dk, dv
@@ -456,7 +457,7 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
         K_src = K_base
         V_src = V_base
     if HAS_PARTIAL_BLOCKS:  # none without a BlockMask (see the forward)
-        kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
+        kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm).to(tl.int32)
         kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
         dq = _dq_inner(
             arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, arg_DO, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, in_ptr10, out_ptr0,
@@ -466,7 +467,7 @@ def triton_tem_fused_flex_inductor_bwd(arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, 
             IS_FULL_BLOCKS=False,
         )
     if HAS_FULL_BLOCKS:
-        kv_num = tl.load(FULL_KV_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_m * stride_fnm)
+        kv_num = tl.load(FULL_KV_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_m * stride_fnm).to(tl.int32)
         kv_row = FULL_KV_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_m * stride_fim
         dq = _dq_inner(
             arg_Q, arg_K, arg_V, arg_LSE, arg_DELTA, arg_DO, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, in_ptr10, out_ptr0,
@@ -521,8 +522,9 @@ def _dq_inner(
     row_ok = offs_m < Q_LEN
     num_steps = kv_num * KV_STEPS
     # start_n is loop-carried and the next block index is loaded one step
-    # ahead, so that loads never wait on an index load (see the forward).
-    start_n = tl.load(kv_row) * SPARSE_KV_BLOCK_SIZE
+    # ahead, so that loads never wait on an index load, and int16 indices
+    # are widened (see the forward).
+    start_n = tl.load(kv_row).to(tl.int32) * SPARSE_KV_BLOCK_SIZE
     for step in range(0, num_steps):
         offs_n = start_n + tl.arange(0, BLOCK_N2)
         col_ok = offs_n < KV_LEN
@@ -590,7 +592,7 @@ def _dq_inner(
         dq = tl.dot(grad_scores.to(k.dtype), k, dq, input_precision=FLOAT32_PRECISION)
 
         next_step = step + 1
-        next_block = tl.load(kv_row + (next_step // KV_STEPS) * stride_row, mask=next_step < num_steps, other=0)
+        next_block = tl.load(kv_row + (next_step // KV_STEPS) * stride_row, mask=next_step < num_steps, other=0).to(tl.int32)
         # A select, not a branch: control flow in the loop would stop pipelining.
         start_n = tl.where(next_step % KV_STEPS == 0, next_block * SPARSE_KV_BLOCK_SIZE, start_n + BLOCK_N2)
     return dq

@@ -192,7 +192,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
     # Calls without a BlockMask have full blocks only: no partial loop to compile.
     if HAS_PARTIAL_BLOCKS:
         # Partial blocks: mask_mod decides position by position.
-        kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
+        kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm).to(tl.int32)
         kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
         acc, l_i, m_i = _inner(
             arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, out_ptr0,
@@ -203,7 +203,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
         )
     if HAS_FULL_BLOCKS:
         # Full blocks: every position is kept, so mask_mod is skipped.
-        kv_num = tl.load(FULL_KV_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_m * stride_fnm)
+        kv_num = tl.load(FULL_KV_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_m * stride_fnm).to(tl.int32)
         kv_row = FULL_KV_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_m * stride_fim
         acc, l_i, m_i = _inner(
             arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, out_ptr0,
@@ -275,7 +275,9 @@ def _inner(
     # ahead, so that K and V addresses never wait on an index load and the
     # loads can be software-pipelined. Padding entries of the index row are
     # valid block numbers, so the look-ahead load never leaves the row.
-    start_n = tl.load(kv_row) * SPARSE_KV_BLOCK_SIZE
+    # Counts and indices may be int16 (create_block_mask's index_dtype): they
+    # are widened before any product with a block size could overflow.
+    start_n = tl.load(kv_row).to(tl.int32) * SPARSE_KV_BLOCK_SIZE
     for step in range(0, num_steps):
         offs_n = start_n + tl.arange(0, BLOCK_N)
 
@@ -343,7 +345,7 @@ def _inner(
         m_i = m_ij
 
         next_step = step + 1
-        next_block = tl.load(kv_row + (next_step // KV_STEPS) * stride_row, mask=next_step < num_steps, other=0)
+        next_block = tl.load(kv_row + (next_step // KV_STEPS) * stride_row, mask=next_step < num_steps, other=0).to(tl.int32)
         # A select, not a branch: control flow in the loop would stop pipelining.
         start_n = tl.where(next_step % KV_STEPS == 0, next_block * SPARSE_KV_BLOCK_SIZE, start_n + BLOCK_N)
     return acc, l_i, m_i
@@ -459,7 +461,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
     # Calls without a BlockMask have full blocks only: no partial loop to compile.
     if HAS_PARTIAL_BLOCKS:
         # Partial blocks: mask_mod decides position by position.
-        kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
+        kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm).to(tl.int32)
         kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
         acc, l_i, m_i = _inner(
             arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, out_ptr0,
@@ -470,7 +472,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_
         )
     if HAS_FULL_BLOCKS:
         # Full blocks: every position is kept, so mask_mod is skipped.
-        kv_num = tl.load(FULL_KV_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_m * stride_fnm)
+        kv_num = tl.load(FULL_KV_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_m * stride_fnm).to(tl.int32)
         kv_row = FULL_KV_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_m * stride_fim
         acc, l_i, m_i = _inner(
             arg_Q, arg_K, arg_V, arg_LSE, arg_KV_NUM_BLKS, arg_KV_IDX, arg_FULL_KV_NUM_BLKS, arg_FULL_KV_IDX, out_ptr0,
@@ -542,7 +544,9 @@ def _inner(
     # ahead, so that K and V addresses never wait on an index load and the
     # loads can be software-pipelined. Padding entries of the index row are
     # valid block numbers, so the look-ahead load never leaves the row.
-    start_n = tl.load(kv_row) * SPARSE_KV_BLOCK_SIZE
+    # Counts and indices may be int16 (create_block_mask's index_dtype): they
+    # are widened before any product with a block size could overflow.
+    start_n = tl.load(kv_row).to(tl.int32) * SPARSE_KV_BLOCK_SIZE
     for step in range(0, num_steps):
         offs_n = start_n + tl.arange(0, BLOCK_N)
 
@@ -612,7 +616,7 @@ def _inner(
         m_i = m_ij
 
         next_step = step + 1
-        next_block = tl.load(kv_row + (next_step // KV_STEPS) * stride_row, mask=next_step < num_steps, other=0)
+        next_block = tl.load(kv_row + (next_step // KV_STEPS) * stride_row, mask=next_step < num_steps, other=0).to(tl.int32)
         # A select, not a branch: control flow in the loop would stop pipelining.
         start_n = tl.where(next_step % KV_STEPS == 0, next_block * SPARSE_KV_BLOCK_SIZE, start_n + BLOCK_N)
     return acc, l_i, m_i
@@ -726,7 +730,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
     # Calls without a BlockMask have full blocks only: no partial loop to compile.
     if HAS_PARTIAL_BLOCKS:
         # Partial blocks: mask_mod decides position by position.
-        kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm)
+        kv_num = tl.load(KV_NUM_BLKS + sparse_z * stride_nz + sparse_h * stride_nh + sparse_m * stride_nm).to(tl.int32)
         kv_row = KV_IDX + sparse_z * stride_iz + sparse_h * stride_ih + sparse_m * stride_im
         acc, l_i, m_i = _inner(
             arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, in_ptr5, out_ptr0,
@@ -737,7 +741,7 @@ def triton_tem_fused_flex_inductor_fwd(arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV
         )
     if HAS_FULL_BLOCKS:
         # Full blocks: every position is kept, so mask_mod is skipped.
-        kv_num = tl.load(FULL_KV_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_m * stride_fnm)
+        kv_num = tl.load(FULL_KV_NUM_BLKS + sparse_z * stride_fnz + sparse_h * stride_fnh + sparse_m * stride_fnm).to(tl.int32)
         kv_row = FULL_KV_IDX + sparse_z * stride_fiz + sparse_h * stride_fih + sparse_m * stride_fim
         acc, l_i, m_i = _inner(
             arg_Q, arg_K, arg_V, arg_LSE, arg_FULL_KV_IDX, in_ptr5, out_ptr0,
@@ -809,7 +813,9 @@ def _inner(
     # ahead, so that K and V addresses never wait on an index load and the
     # loads can be software-pipelined. Padding entries of the index row are
     # valid block numbers, so the look-ahead load never leaves the row.
-    start_n = tl.load(kv_row) * SPARSE_KV_BLOCK_SIZE
+    # Counts and indices may be int16 (create_block_mask's index_dtype): they
+    # are widened before any product with a block size could overflow.
+    start_n = tl.load(kv_row).to(tl.int32) * SPARSE_KV_BLOCK_SIZE
     for step in range(0, num_steps):
         offs_n = start_n + tl.arange(0, BLOCK_N)
 
@@ -886,7 +892,7 @@ def _inner(
         m_i = m_ij
 
         next_step = step + 1
-        next_block = tl.load(kv_row + (next_step // KV_STEPS) * stride_row, mask=next_step < num_steps, other=0)
+        next_block = tl.load(kv_row + (next_step // KV_STEPS) * stride_row, mask=next_step < num_steps, other=0).to(tl.int32)
         # A select, not a branch: control flow in the loop would stop pipelining.
         start_n = tl.where(next_step % KV_STEPS == 0, next_block * SPARSE_KV_BLOCK_SIZE, start_n + BLOCK_N)
     return acc, l_i, m_i
