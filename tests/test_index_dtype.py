@@ -152,3 +152,17 @@ def test_int16_decode_matches_int32_past_the_int16_offsets():
     ref_out, _ = dense_oracle(q.double(), k.double(), v.double(), mask=keep)
     low_out, _ = lowp_attention(q, k, v, mask=keep)
     assert_close_to_oracle(got[torch.int16][0], ref_out, low_out, "out")
+
+
+def test_paged_conversion_of_an_int16_mask_is_int32():
+    from flex_inductor.paged import PagedKVCache
+
+    cache = PagedKVCache(8, 16, 2, 1, 16, max_pages_per_seq=4, device="cpu")
+    for row in (0, 1):
+        cache.reserve(row, 64)
+    logical = create_block_mask(masks.causal(), 2, 1, 64, 64, "cpu", 16)
+    small = create_block_mask(masks.causal(), 2, 1, 64, 64, "cpu", 16, index_dtype=torch.int16)
+    physical = cache.convert_logical_block_mask(small)
+    # Physical page numbers may pass 32767, so the result is int32, and it is
+    # the conversion of the same layout.
+    _assert_same_layout(physical, cache.convert_logical_block_mask(logical), torch.int32)
