@@ -74,11 +74,14 @@ def dense_attention_backward(
     block_mask: list[torch.Tensor | None],
     block_sizes: list[int],
     scale: float,
+    dq_scale: float,
     score_mod_buffers: list[torch.Tensor],
     mask_mod_buffers: list[torch.Tensor],
     buffer_needs_grad: list[bool],
 ) -> list[torch.Tensor]:
     """Gradients by the blockwise reference: ``[dq, dk, dv, *buffer grads]``.
+
+    ``dq_scale`` multiplies dq before its rounding (see ``reference_backward``).
 
     Buffers that need no gradient get an empty tensor in their slot (a
     custom op cannot return None).
@@ -97,7 +100,7 @@ def dense_attention_backward(
     with _compat.leaf_kernel():
         dq, dk, dv, grads = reference_backward(
             query, key, value, out, lse, grad_out, grad_lse, decode_graph(fw_graph), bm, scale,
-            buffers,
+            buffers, dq_scale=dq_scale,
         )
     empty = query.new_empty(0)
     return [dq, dk, dv, *[empty if g is None else g for g in grads]]
@@ -105,7 +108,7 @@ def dense_attention_backward(
 
 @dense_attention_backward.register_fake
 def _(query, key, value, out, lse, grad_out, grad_lse, fw_graph, mask_mod, block_mask,
-      block_sizes, scale, score_mod_buffers, mask_mod_buffers, buffer_needs_grad):
+      block_sizes, scale, dq_scale, score_mod_buffers, mask_mod_buffers, buffer_needs_grad):
     grads = [
         torch.empty_like(b) if need else query.new_empty(0)
         for b, need in zip(score_mod_buffers, buffer_needs_grad, strict=True)

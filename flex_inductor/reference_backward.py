@@ -31,6 +31,7 @@ def reference_backward(
     scale: float,
     score_mod_buffers: list[torch.Tensor],
     *,
+    dq_scale: float = 1.0,
     _chunk_size: int | None = None,
 ):
     """Gradients of the reference forward.
@@ -46,6 +47,10 @@ def reference_backward(
         scale: The forward's scale.
         score_mod_buffers: Captured tensors; those with ``requires_grad``
             get a gradient.
+        dq_scale: Multiplies dq before it is rounded to the query's dtype.
+            A prescaled call passes ``q * scale`` as ``query`` and ``scale``
+            here, so that ``dq = scale * d(q * scale)`` is rounded once
+            (and, in float16, the unscaled gradient never has to fit).
 
     Returns:
         ``(dq, dk, dv, grad_buffers)`` with ``None`` for buffers that do not
@@ -66,7 +71,9 @@ def reference_backward(
         for b, need in zip(score_mod_buffers, needs, strict=True)
     ]
     with torch.enable_grad(), _compat.autograd_reenabled(), _deterministic_algorithms():
-        q = query.detach().requires_grad_(True)
+        # The chunks compute in ``acc`` anyway; a leaf in ``acc`` keeps dq
+        # unrounded until the one rounding below.
+        q = query.detach().to(acc).requires_grad_(True)
         k = key.detach().requires_grad_(True)
         v = value.detach().requires_grad_(True)
         buffers = [
@@ -89,7 +96,7 @@ def reference_backward(
             )
             g_q, g_k, g_v, *g_bufs = got
             if g_q is not None:
-                dq[:, :, start:stop] = g_q[:, :, start:stop].to(dq.dtype)
+                dq[:, :, start:stop] = (g_q[:, :, start:stop] * dq_scale).to(dq.dtype)
             if g_k is not None:
                 dk += g_k
             if g_v is not None:

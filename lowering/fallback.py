@@ -54,7 +54,8 @@ def dense_backward_fallback(
     joint_outputs = _graph_outputs(joint_graph.graph_module)
     needs_grad = [o is not None for o in joint_outputs[1:]]
     # The forward's lse came from q scaled once (and rounded) when it
-    # prescaled: recompute those scores, then dq = scale * d(scaled q).
+    # prescaled: recompute those scores, then dq = scale * d(scaled q),
+    # scaled inside the op before its one rounding.
     prescale = prescale_q(kernel_options, query, key, fw_graph, block_mask, block_sizes)
     q_scale = static_float(scale)
     handler = _ind.fallback_handler(
@@ -64,11 +65,9 @@ def dense_backward_fallback(
         scaled(query, q_scale) if prescale else query, key, value, out, lse, grad_out,
         grad_lse, encode_graph(fw_graph.graph_module), encode_graph(mask_mod.graph_module),
         list(block_mask), list(block_sizes), 1.0 if prescale else q_scale,
-        list(score_mod_buffers), list(mask_mod_buffers), needs_grad,
+        q_scale if prescale else 1.0, list(score_mod_buffers), list(mask_mod_buffers), needs_grad,
     )
     dq, dk, dv, *grads = results
-    if prescale:
-        dq = scaled(dq, q_scale)
     return dq, dk, dv, [g if need else None for g, need in zip(grads, needs_grad, strict=True)]
 
 

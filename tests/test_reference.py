@@ -392,3 +392,47 @@ def test_matches_torch_flex_attention(case_name):
         )
     torch.testing.assert_close(ours[0], peer_out, rtol=0, atol=F64_ATOL)
     torch.testing.assert_close(ours[1], peer_lse, rtol=0, atol=F64_ATOL)
+
+
+def _backward_of_prescaled(dtype, grad_scale=1.0):
+    """reference_backward of a prescaled call: q * s given as query, scale 1."""
+    from flex_inductor.reference_backward import reference_backward
+
+    # Head dim 40: the scale is not a power of two, so multiplying by it rounds.
+    q, k, v = _inputs(1, 2, 2, 40, 40, 40, 40, torch.float32, seed=3)
+    s = 1 / math.sqrt(40)
+    q_pre = (q * s).to(dtype)
+    k, v = k.to(dtype), v.to(dtype)
+    bm = create_block_mask(causal(), None, None, 40, 40, "cpu", 16)
+    grad_out = grad_scale * torch.randn(1, 2, 40, 40, generator=torch.Generator().manual_seed(4))
+    grad_lse = torch.zeros(1, 2, 40)
+
+    def run(query, **kwargs):
+        return reference_backward(
+            query, k, v, None, None, grad_out, grad_lse, lambda x, *_: x, bm, 1.0, [], **kwargs
+        )[0]
+
+    return q_pre, s, run
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_backward_scales_dq_before_its_one_rounding(dtype):
+    q_pre, s, run = _backward_of_prescaled(dtype)
+    # The same maths with a float32 query: the unrounded d(q * s).
+    exact = run(q_pre.float())
+    assert torch.equal(run(q_pre, dq_scale=s), (exact * s).to(dtype))
+    # Rounding d(q * s) first and then the product (the dense fallback's old
+    # way) differs: this case tells the two apart.
+    assert not torch.equal(run(q_pre, dq_scale=s), (run(q_pre) * s).to(dtype))
+
+
+def test_reference_backward_dq_scale_keeps_float16_finite():
+    # d(q * s) is dq / s, 6.3x dq at head dim 40: past float16's 65504 here,
+    # while dq itself fits.
+    q_pre, s, run = _backward_of_prescaled(torch.float16)
+    peak = run(q_pre.float()).abs().max().item()
+    q_pre, s, run = _backward_of_prescaled(torch.float16, grad_scale=2e5 / peak)
+    assert torch.isinf(run(q_pre)).any()
+    dq = run(q_pre, dq_scale=s)
+    assert torch.isfinite(dq).all()
+    assert torch.equal(dq, (run(q_pre.float()) * s).to(torch.float16))
