@@ -15,18 +15,8 @@ from conftest import DEVICE
 from oracle import assert_close_to_oracle, dense_oracle, lowp_attention
 
 from flex_inductor import create_block_mask, flex_attention, masks
+from flex_inductor.block_mask import _TENSOR_NAMES as TENSORS
 from flex_inductor.block_mask import BlockMask
-
-TENSORS = (
-    "kv_num_blocks",
-    "kv_indices",
-    "full_kv_num_blocks",
-    "full_kv_indices",
-    "q_num_blocks",
-    "q_indices",
-    "full_q_num_blocks",
-    "full_q_indices",
-)
 
 
 def _assert_same_layout(ours: BlockMask, ref: BlockMask, dtype: torch.dtype) -> None:
