@@ -164,8 +164,8 @@ class BlockMask:
     Shapes (B and H may be 1 to broadcast over batch and heads;
     nq = ceil(Q_LEN / Q_BLOCK_SIZE), nkv = ceil(KV_LEN / KV_BLOCK_SIZE)):
 
-    * ``kv_num_blocks`` int32 ``(B, H, nq)`` and ``kv_indices`` int32
-      ``(B, H, nq, nkv)``: per query block, the partial kv blocks (mask_mod
+    * ``kv_num_blocks`` ``(B, H, nq)`` and ``kv_indices`` ``(B, H, nq, nkv)``,
+      int32 (or int16, see ``index_dtype``): per query block, the partial kv blocks (mask_mod
       applied), ascending, then padding made of valid block indices.
     * ``full_kv_num_blocks`` / ``full_kv_indices``: the same for full blocks
       (mask_mod skipped), or None (then every visited block is partial).

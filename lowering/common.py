@@ -291,6 +291,8 @@ def block_mask_input_gen_fns(input_nodes, first_index: int, kv_len, kv_block: in
         return row.expand(sizes).contiguous()
 
     def counts(node):
+        # Only the flat all-full mask shares a buffer between roles, and it
+        # is always int32 (an int16 arange would wrap past 32767).
         numel = max(_compat.required_storage_length(*_hinted_layout(n)) for n in nodes.values())
         return torch.arange(numel, dtype=node.get_dtype(), device=node.get_device())
 

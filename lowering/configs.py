@@ -43,7 +43,8 @@ _SM90_FORWARD = {
     # D64 S2048 noop, causal, softcap+causal and document within 2% of their
     # best at (128, 128, 4, 3); D128 S8192 best at (128, 128, 8, 3) for causal,
     # softcap+causal, ALiBi and document (by 7-10% over (128, 64, 4, 2)), and
-    # within 1% of the best for noop.
+    # within 1% of the best for noop. Those with their own entry in
+    # _SM90_FORWARD_BY_KIND below were retuned later (softcap in entry 15).
     (64, False): Config(128, 128, 4, 3),
     (128, False): Config(128, 128, 8, 3),
     (256, False): Config(64, 32, 4, 2),
