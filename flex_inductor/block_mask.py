@@ -50,8 +50,8 @@ def _pair(block_size: int | tuple[int, int]) -> tuple[int, int]:
 INDEX_DTYPES = (torch.int32, torch.int16)
 
 
-def _check_index_dtype(index_dtype: Any, num_blocks: tuple[int, int]) -> torch.dtype:
-    """``index_dtype`` if it is one of ``INDEX_DTYPES`` and holds every block index."""
+def _check_index_dtype(index_dtype: Any, num_blocks: tuple[int, int]) -> None:
+    """Raises unless ``index_dtype`` is one of ``INDEX_DTYPES`` and holds every block index."""
     if index_dtype not in INDEX_DTYPES:
         raise TypeError(f"`index_dtype` must be torch.int32 or torch.int16, got {index_dtype!r}")
     limit = torch.iinfo(index_dtype).max
@@ -61,7 +61,6 @@ def _check_index_dtype(index_dtype: Any, num_blocks: tuple[int, int]) -> torch.d
             f"the layout has (nq, nkv) = {tuple(num_blocks)} blocks; use torch.int32 or "
             "larger blocks"
         )
-    return index_dtype
 
 
 # Entries ranked at once by _dense_to_ordered: with its int64 temporaries
@@ -165,8 +164,9 @@ class BlockMask:
     nq = ceil(Q_LEN / Q_BLOCK_SIZE), nkv = ceil(KV_LEN / KV_BLOCK_SIZE)):
 
     * ``kv_num_blocks`` ``(B, H, nq)`` and ``kv_indices`` ``(B, H, nq, nkv)``,
-      int32 (or int16, see ``index_dtype``): per query block, the partial kv blocks (mask_mod
-      applied), ascending, then padding made of valid block indices.
+      int32 (or int16, see ``index_dtype``): per query block, the partial kv
+      blocks (mask_mod applied), ascending, then padding made of valid block
+      indices.
     * ``full_kv_num_blocks`` / ``full_kv_indices``: the same for full blocks
       (mask_mod skipped), or None (then every visited block is partial).
     * ``q_num_blocks`` ``(B, H, nkv)`` / ``q_indices`` ``(B, H, nkv, nq)`` and
